@@ -1,0 +1,1 @@
+"""Dataset and model-layout converters (medalign-data)."""

@@ -1,0 +1,77 @@
+"""Grid maths shared by the teacher and the student: packed triangles and the student's grid."""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import MedAlignError
+
+
+def triangle_size(n: int) -> int:
+    """Number of entries in the upper triangle of an n x n matrix, diagonal included."""
+    return n * (n + 1) // 2
+
+
+def side_from_triangle(t: int) -> int:
+    n = (math.isqrt(8 * t + 1) - 1) // 2
+    if triangle_size(n) != t:
+        raise ValueError(f"{t} is not a triangular number")
+    return n
+
+
+@lru_cache(maxsize=8)
+def _triu(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(n)
+
+
+def pack_triangle(mat: np.ndarray) -> np.ndarray:
+    """Upper triangle incl. diagonal of a symmetric (n, n) matrix, in ``np.triu_indices(n)`` order."""
+    n = mat.shape[-1]
+    i, j = _triu(n)
+    return mat[..., i, j]
+
+
+def unpack_triangle(tri: np.ndarray, out_dtype=np.float32) -> np.ndarray:
+    """Rebuild the full symmetric (n, n) matrix from its packed upper triangle."""
+    n = side_from_triangle(tri.shape[-1])
+    i, j = _triu(n)
+    mat = np.empty((n, n), dtype=out_dtype)
+    mat[i, j] = tri
+    mat[j, i] = tri
+    return mat
+
+
+def grid_side(num_tokens: int) -> int:
+    g = math.isqrt(num_tokens)
+    if g * g != num_tokens:
+        raise MedAlignError(f"{num_tokens} image tokens is not a square grid")
+    return g
+
+
+def student_grid(model_dir: str | Path) -> int:
+    """The student's visual token grid side G, read from an HF-format LLaVA ``config.json``.
+
+    G = vision_config.image_size // vision_config.patch_size (576 tokens = 24 x 24 for CLIP
+    ViT-L/14 at 336). Raises a clear error for a directory that is not a LLaVA model.
+    """
+    cfg_path = Path(model_dir) / "config.json"
+    if not cfg_path.is_file():
+        raise MedAlignError(f"{model_dir}: no config.json; expected an HF-format LLaVA model directory")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise MedAlignError(f"{cfg_path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+    vision = cfg.get("vision_config")
+    if not isinstance(vision, dict) or "image_size" not in vision or "patch_size" not in vision:
+        raise MedAlignError(
+            f"{cfg_path}: not a LLaVA config (model_type={cfg.get('model_type')!r}); need "
+            "vision_config.image_size and vision_config.patch_size")
+    size, patch = int(vision["image_size"]), int(vision["patch_size"])
+    if size % patch:
+        raise MedAlignError(f"{cfg_path}: image_size {size} is not a multiple of patch_size {patch}")
+    return size // patch
