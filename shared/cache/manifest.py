@@ -1,0 +1,157 @@
+"""The cache's ``manifest.json``: provenance, encodings and shard checksums, as a frozen dataclass.
+
+The manifest is the contract between ``medalign-cache build`` and every reader. It is written last
+and atomically, so a directory without one is an unfinished build. Reading checks the format
+version and rejects unknown keys (a newer writer's cache is refused, not misread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.errors import MedAlignError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+INDEX_NAME = "index.json"
+STORAGES = ("zarr", "hdf5")
+SIM_DTYPES = ("float16", "int8")
+INT8_SCALE = 127.0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a reader needs to trust and decode a cache.
+
+    Arrays (one row per unique image, rows grouped into shards of ``shard_size``):
+    ``key`` sha256 hex of the image bytes ("" for a row whose image failed with --skip-bad);
+    ``sim`` packed upper triangle of the N x N similarity matrix (``np.triu_indices(N)`` order),
+    float16, or int8 holding round(127 * s); ``attn`` the N-vector E_a, float32.
+    """
+
+    expert: str                      # registry name, e.g. "unimed-l"
+    arch: str                        # open_clip architecture of the image tower
+    weights_sha256: str              # sha256 of the expert weights file
+    token_mode: str                  # raw | norm | proj: how E_v was taken from the last block
+    preprocessing: dict[str, Any]    # image_size, mean, std, geometry, interpolation
+    layer: str                       # which block the signals come from
+    patch_grid: int                  # g: the expert's own patch grid side
+    grid: int                        # G: the student's grid side the signals were resampled to
+    storage: str                     # zarr | hdf5
+    sim_dtype: str                   # float16 | int8
+    rows: int                        # number of rows (unique images)
+    shard_size: int                  # rows per shard (the last shard may be shorter)
+    shards: list[dict[str, Any]]     # [{"index", "start", "stop", "files": {relpath: sha256}}]
+    failures: list[dict[str, str]] = field(default_factory=list)  # [{"path", "reason"}] (--skip-bad)
+    sources: list[dict[str, Any]] = field(default_factory=list)   # [{"data", "records", "images"}]
+    created: str = ""
+    tool_version: str = ""
+    format_version: int = field(default=FORMAT_VERSION, init=False)
+
+    def __post_init__(self):
+        if self.storage not in STORAGES:
+            raise MedAlignError(f"manifest: unknown storage {self.storage!r}; expected one of {STORAGES}")
+        if self.sim_dtype not in SIM_DTYPES:
+            raise MedAlignError(f"manifest: unknown sim dtype {self.sim_dtype!r}; expected one of {SIM_DTYPES}")
+        if self.grid <= 0 or self.patch_grid <= 0:
+            raise MedAlignError("manifest: grid sizes must be positive")
+
+    @property
+    def num_tokens(self) -> int:
+        """N = G * G, the number of student visual tokens (rows/columns of S_e)."""
+        return self.grid * self.grid
+
+    @property
+    def geometry(self) -> str:
+        return str(self.preprocessing.get("geometry", ""))
+
+    @property
+    def sim_scale(self) -> float:
+        return INT8_SCALE if self.sim_dtype == "int8" else 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = MANIFEST_NAME) -> "Manifest":
+        if not isinstance(data, dict):
+            raise MedAlignError(f"{source}: expected a JSON object")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise MedAlignError(
+                f"{source}: cache format version {version!r} is not supported (this tool reads version "
+                f"{FORMAT_VERSION}); rebuild the cache or use a matching medalign version")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MedAlignError(f"{source}: unknown manifest keys {unknown}; written by a newer tool?")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.init and f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING and f.name not in data)
+        if missing:
+            raise MedAlignError(f"{source}: manifest lacks required keys {missing}")
+        kwargs = {k: v for k, v in data.items() if k != "format_version"}
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, cache_dir: str | Path) -> "Manifest":
+        path = Path(cache_dir) / MANIFEST_NAME
+        if not path.is_file():
+            hint = " (an unfinished build: rerun `medalign-cache build ... --resume`)" if (
+                Path(cache_dir) / ".progress").is_dir() else ""
+            raise MedAlignError(f"{cache_dir}: not a MedAlign cache, no {MANIFEST_NAME}{hint}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise MedAlignError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+        return cls.from_json(data, str(path))
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two caches interchangeable for a student: expert, weights, geometry, grid, tokens."""
+        return {"expert": self.expert, "weights_sha256": self.weights_sha256, "grid": self.grid,
+                "geometry": self.geometry, "token_mode": self.token_mode, "patch_grid": self.patch_grid,
+                "sim_dtype": self.sim_dtype}
+
+    def describe(self) -> str:
+        pp = self.preprocessing
+        lines = [
+            f"expert        {self.expert} ({self.arch}, token mode {self.token_mode}, {self.layer})",
+            f"weights       sha256 {self.weights_sha256[:16]}...",
+            f"preprocessing {pp.get('image_size')}px, geometry {self.geometry}, {pp.get('interpolation')}, "
+            f"mean {pp.get('mean')}, std {pp.get('std')}",
+            f"grid          expert {self.patch_grid}x{self.patch_grid} -> student {self.grid}x{self.grid} "
+            f"(N = {self.num_tokens})",
+            f"encoding      sim {self.sim_dtype} packed triangle ({self.num_tokens * (self.num_tokens + 1) // 2} "
+            f"values/row), attn float32, storage {self.storage}",
+            f"rows          {self.rows} in {len(self.shards)} shard(s) of up to {self.shard_size}",
+            f"failures      {len(self.failures)}",
+            f"created       {self.created} by medalign {self.tool_version} (format v{self.format_version})",
+        ]
+        for s in self.sources:
+            lines.append(f"source        {s.get('data')}: {s.get('records')} records, {s.get('images')} images")
+        return "\n".join(lines)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file so that readers see either the old content or the new, never a torn one."""
+    import os
+    import tempfile
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")

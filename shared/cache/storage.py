@@ -1,0 +1,176 @@
+"""The two on-disk layouts of one logical cache: a Zarr v3 group, or one HDF5 file per shard.
+
+Both store three row-aligned arrays, ``key`` (rows,), ``sim`` (rows, N(N+1)/2) and
+``attn`` (rows, N), one chunk per row, rows grouped into shards. Each shard is written whole by
+one writer into a staging area and moved into place with ``os.replace``, so a killed build never
+leaves a torn shard behind in the live arrays (and two writers never touch one shard: zarr-python
+issue 3682).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from shared.images import sha256_file
+
+STAGING = ".staging"
+
+
+def _blosc(dtype: str):
+    from zarr.codecs import BloscCodec
+    # byte-shuffle helps float16/float32; for int8 it is a no-op so plain zstd is used.
+    return BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle" if dtype == "int8" else "shuffle")
+
+
+class ZarrStorage:
+    """``CACHE/{key,sim,attn}/`` arrays in a Zarr v3 group with the sharding codec."""
+
+    name = "zarr"
+
+    def __init__(self, root: str | Path, rows: int, num_tokens: int, shard_size: int, sim_dtype: str):
+        self.root = Path(root)
+        self.rows, self.n, self.shard_size, self.sim_dtype = rows, num_tokens, shard_size, sim_dtype
+        self.tri = num_tokens * (num_tokens + 1) // 2
+
+    def _create_arrays(self, where: Path) -> dict:
+        import zarr
+        group = zarr.open_group(str(where), mode="a", zarr_format=3)
+        rows = max(self.rows, 1)
+        shard = min(self.shard_size, rows)
+        specs = {
+            "key": dict(shape=(rows,), dtype=str, chunks=(shard,), fill_value=""),
+            "sim": dict(shape=(rows, self.tri), dtype=self.sim_dtype, chunks=(1, self.tri),
+                        shards=(shard, self.tri), compressors=_blosc(self.sim_dtype), fill_value=0),
+            "attn": dict(shape=(rows, self.n), dtype="float32", chunks=(1, self.n),
+                         shards=(shard, self.n), compressors=_blosc("float32"), fill_value=0),
+        }
+        arrays = {}
+        for name, spec in specs.items():
+            if name in group:
+                arrays[name] = group[name]
+            else:
+                arrays[name] = group.create_array(name, **spec, config={"write_empty_chunks": True})
+        return arrays
+
+    def create(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._create_arrays(self.root)
+
+    def write_shard(self, index: int, start: int, keys: list[str], sim: np.ndarray, attn: np.ndarray) -> dict[str, str]:
+        """Write rows [start, start + len(keys)) as one shard; returns {relative file: sha256}."""
+        stage = self.root / STAGING / f"shard-{index:05d}"
+        shutil.rmtree(stage, ignore_errors=True)
+        arrays = self._create_arrays(stage)
+        stop = start + len(keys)
+        arrays["key"][start:stop] = np.asarray(keys, dtype=object)
+        arrays["sim"][start:stop] = sim
+        arrays["attn"][start:stop] = attn
+        files = {}
+        for name in ("key", "sim", "attn"):
+            for path in sorted((stage / name / "c").rglob("*")):
+                if path.is_file():
+                    rel = path.relative_to(stage).as_posix()
+                    files[rel] = sha256_file(path)
+                    dest = self.root / rel
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, dest)
+        shutil.rmtree(stage, ignore_errors=True)
+        return files
+
+    def open_reader(self):
+        import zarr
+        group = zarr.open_group(str(self.root), mode="r", zarr_format=3)
+        return _ZarrRows(group["key"], group["sim"], group["attn"])
+
+
+class _ZarrRows:
+    def __init__(self, key, sim, attn):
+        self.key, self.sim, self.attn = key, sim, attn
+
+    def read(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.sim[row]), np.asarray(self.attn[row])
+
+    def keys(self) -> list[str]:
+        return [str(k) for k in self.key[:]]
+
+
+class Hdf5Storage:
+    """``CACHE/shards/shard-NNNNN.h5``, each holding ``key``, ``sim``, ``attn`` for its rows."""
+
+    name = "hdf5"
+
+    def __init__(self, root: str | Path, rows: int, num_tokens: int, shard_size: int, sim_dtype: str):
+        self.root = Path(root)
+        self.rows, self.n, self.shard_size, self.sim_dtype = rows, num_tokens, shard_size, sim_dtype
+        self.tri = num_tokens * (num_tokens + 1) // 2
+
+    @staticmethod
+    def shard_name(index: int) -> str:
+        return f"shards/shard-{index:05d}.h5"
+
+    def create(self) -> None:
+        (self.root / "shards").mkdir(parents=True, exist_ok=True)
+
+    def write_shard(self, index: int, start: int, keys: list[str], sim: np.ndarray, attn: np.ndarray) -> dict[str, str]:
+        import h5py
+        rel = self.shard_name(index)
+        dest = self.root / rel
+        tmp = dest.with_name(dest.name + ".tmp")
+        with h5py.File(tmp, "w") as f:
+            f.attrs["start"] = start
+            f.create_dataset("key", data=np.asarray(keys, dtype="S64"))
+            f.create_dataset("sim", data=sim, chunks=(1, self.tri), compression="gzip",
+                             compression_opts=4, shuffle=True)
+            f.create_dataset("attn", data=attn.astype(np.float32), chunks=(1, self.n),
+                             compression="gzip", compression_opts=4, shuffle=True)
+        os.replace(tmp, dest)
+        return {rel: sha256_file(dest)}
+
+    def open_reader(self):
+        return _Hdf5Rows(self.root, self.rows, self.shard_size)
+
+
+class _Hdf5Rows:
+    """Opens shard files on first use and keeps a few handles open (files are small and many)."""
+
+    max_open = 16
+
+    def __init__(self, root: Path, rows: int, shard_size: int):
+        self.root, self.rows, self.shard_size = root, rows, shard_size
+        self._files: dict[int, object] = {}
+
+    def _file(self, shard: int):
+        import h5py
+        f = self._files.pop(shard, None)
+        if f is None:
+            if len(self._files) >= self.max_open:
+                oldest = next(iter(self._files))
+                self._files.pop(oldest).close()
+            f = h5py.File(self.root / Hdf5Storage.shard_name(shard), "r")
+        self._files[shard] = f  # re-insert: most recently used last
+        return f
+
+    def read(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        shard, offset = divmod(row, self.shard_size)
+        f = self._file(shard)
+        return f["sim"][offset], f["attn"][offset]
+
+    def keys(self) -> list[str]:
+        out: list[str] = []
+        for shard in range((self.rows + self.shard_size - 1) // self.shard_size):
+            out.extend(k.decode() for k in self._file(shard)["key"][:])
+        return out
+
+    def close(self):
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def make_storage(storage: str, root, rows: int, num_tokens: int, shard_size: int, sim_dtype: str):
+    cls = {"zarr": ZarrStorage, "hdf5": Hdf5Storage}[storage]
+    return cls(root, rows, num_tokens, shard_size, sim_dtype)

@@ -1,0 +1,203 @@
+"""Writing a cache: plan, shards committed one at a time, manifest last.
+
+A build is resumable: ``.progress/plan.json`` fixes the row order and the build's identity before
+any shard is written, each committed shard leaves ``.progress/shard-NNNNN.json``, and the manifest
+is written only when every shard is in. ``--resume`` re-plans, checks the plan is the same, and
+computes only the shards without a marker, so the finished cache is identical array for array
+to an uninterrupted build.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import posixpath
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.cache.manifest import (INDEX_NAME, INT8_SCALE, MANIFEST_NAME, STORAGES, SIM_DTYPES, Manifest,
+                                   atomic_write_json)
+from shared.cache.storage import STAGING, make_storage
+from shared.errors import MedAlignError
+from shared.grid import pack_triangle
+
+PROGRESS = ".progress"
+DEFAULT_SHARD_SIZE = 256
+#: Keys of the identity that another build into the same --out must share.
+IDENTITY_KEYS = ("expert", "weights_sha256", "grid", "geometry", "token_mode")
+
+
+def normalise_rel(path: str) -> str:
+    """Dataset-relative image paths as index keys: posix separators, no ``./`` or ``a/../``."""
+    return posixpath.normpath(str(path).replace("\\", "/"))
+
+
+def quantise_sim(tri: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 triangle values in [-1, 1] -> stored encoding (float16, or int8 = round(127 s))."""
+    if dtype == "float16":
+        return tri.astype(np.float16)
+    if dtype == "int8":
+        return np.clip(np.rint(tri * INT8_SCALE), -127, 127).astype(np.int8)
+    raise MedAlignError(f"unknown sim dtype {dtype!r}; expected one of {SIM_DTYPES}")
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("medalign")
+    except Exception:
+        return "dev"
+
+
+class CacheWriter:
+    """Creates (or resumes) a cache in ``out``.
+
+    ``identity`` is the dict of :data:`IDENTITY_KEYS` (plus anything else that must match on
+    resume); ``keys`` is the sha256 of each row's image in row order; ``index`` maps every
+    dataset-relative path to its row.
+    """
+
+    def __init__(self, out: str | Path, *, identity: dict[str, Any], keys: list[str], index: dict[str, int],
+                 num_tokens: int, storage: str = "zarr", sim_dtype: str = "float16",
+                 shard_size: int = DEFAULT_SHARD_SIZE, resume: bool = False):
+        if storage not in STORAGES:
+            raise MedAlignError(f"unknown storage format {storage!r}; choose one of {', '.join(STORAGES)}")
+        if sim_dtype not in SIM_DTYPES:
+            raise MedAlignError(f"unknown --dtype {sim_dtype!r}; choose one of {', '.join(SIM_DTYPES)}")
+        if shard_size < 1:
+            raise MedAlignError("shard size must be >= 1")
+        self.out = Path(out)
+        self.keys, self.num_tokens, self.shard_size = list(keys), num_tokens, shard_size
+        self.index = {normalise_rel(k): int(v) for k, v in index.items()}
+        self.plan = {"identity": identity, "storage": storage, "sim_dtype": sim_dtype, "shard_size": shard_size,
+                     "num_tokens": num_tokens, "keys": self.keys, "index": self.index}
+        self.storage = make_storage(storage, self.out, len(self.keys), num_tokens, shard_size, sim_dtype)
+        self.sim_dtype = sim_dtype
+        self.complete = False
+        self._prepare(resume)
+
+    # -- set-up: refuse to clobber anything that is not this very build ---------------------------
+    def _prepare(self, resume: bool) -> None:
+        progress = self.out / PROGRESS
+        manifest_path = self.out / MANIFEST_NAME
+        if manifest_path.is_file():
+            existing = Manifest.load(self.out)
+            ours = self.plan["identity"]
+            theirs = existing.identity()
+            diff = {k: (theirs.get(k), ours.get(k)) for k in IDENTITY_KEYS if theirs.get(k) != ours.get(k)}
+            if diff:
+                parts = ", ".join(f"{k}: existing {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
+                raise MedAlignError(f"--out {self.out} already holds a different cache ({parts}); "
+                                    "refusing to overwrite it. Choose another --out.")
+            existing_keys = set(json.loads((self.out / INDEX_NAME).read_text()).keys()) if (
+                self.out / INDEX_NAME).is_file() else set()
+            if resume and set(self.index) <= existing_keys and existing.rows == len(self.keys):
+                self.complete = True
+                return
+            raise MedAlignError(f"--out {self.out} already holds a finished cache of this expert"
+                                + ("" if resume else "; pass --resume to reuse it")
+                                + (" but for other images; build into a new --out" if resume else ""))
+        if progress.is_dir():
+            if not resume:
+                raise MedAlignError(f"--out {self.out} holds an unfinished build; pass --resume to finish it "
+                                    "or remove the directory")
+            try:
+                old = json.loads((progress / "plan.json").read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                old = None
+            if old is not None and old != json.loads(json.dumps(self.plan)):
+                changed = [k for k in self.plan if old.get(k) != json.loads(json.dumps(self.plan[k]))]
+                raise MedAlignError(f"--resume: the unfinished build in {self.out} was started with different "
+                                    f"settings or inputs (differs in: {', '.join(changed)}); use a new --out")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise MedAlignError(f"--out {self.out} exists and is not empty (and is not a MedAlign cache); "
+                                "refusing to write into it")
+        progress.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(progress / "plan.json", self.plan)
+        self.storage.create()
+
+    # -- shards ----------------------------------------------------------------------------------
+    @property
+    def num_shards(self) -> int:
+        return (len(self.keys) + self.shard_size - 1) // self.shard_size
+
+    def shard_rows(self, shard: int) -> range:
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(self.keys)))
+
+    def _marker(self, shard: int) -> Path:
+        return self.out / PROGRESS / f"shard-{shard:05d}.json"
+
+    def pending_shards(self) -> list[int]:
+        if self.complete:
+            return []
+        return [s for s in range(self.num_shards) if not self._marker(s).is_file()]
+
+    def write_shard(self, shard: int, sim: np.ndarray, attn: np.ndarray,
+                    failures: list[dict[str, str]] | None = None, failed_rows: set[int] | None = None) -> None:
+        """Commit one shard. ``sim`` is (rows, N, N) full matrices or (rows, T) packed triangles, float."""
+        rows = self.shard_rows(shard)
+        if sim.ndim == 3:
+            sim = pack_triangle(sim)
+        if sim.shape != (len(rows), self.num_tokens * (self.num_tokens + 1) // 2) or attn.shape != (len(rows), self.num_tokens):
+            raise ValueError(f"shard {shard}: got sim {sim.shape}, attn {attn.shape} for {len(rows)} rows")
+        keys = [("" if failed_rows and r in failed_rows else self.keys[r]) for r in rows]
+        files = self.storage.write_shard(shard, rows.start, keys, quantise_sim(np.asarray(sim, np.float32), self.sim_dtype),
+                                         np.asarray(attn, np.float32))
+        atomic_write_json(self._marker(shard), {"index": shard, "start": rows.start, "stop": rows.stop,
+                                                "files": files, "failures": failures or []})
+
+    # -- finish ----------------------------------------------------------------------------------
+    def finalize(self, *, expert: str, arch: str, weights_sha256: str, token_mode: str,
+                 preprocessing: dict[str, Any], layer: str, patch_grid: int, grid: int,
+                 sources: list[dict[str, Any]] | None = None) -> Manifest:
+        """Write index.json, then manifest.json (atomically, last), then drop the progress files."""
+        if self.complete:
+            return Manifest.load(self.out)
+        pending = self.pending_shards()
+        if pending:
+            raise RuntimeError(f"cannot finalize: shards {pending[:5]} not written")
+        shards, failures = [], []
+        for s in range(self.num_shards):
+            m = json.loads(self._marker(s).read_text())
+            failures.extend(m.pop("failures", []))
+            shards.append(m)
+        failed_keys = {f.get("key") for f in failures if f.get("key")}
+        index = {p: r for p, r in self.index.items() if self.keys[r] not in failed_keys}
+        atomic_write_json(self.out / INDEX_NAME, index)
+        manifest = Manifest(
+            expert=expert, arch=arch, weights_sha256=weights_sha256, token_mode=token_mode,
+            preprocessing=preprocessing, layer=layer, patch_grid=patch_grid, grid=grid,
+            storage=self.storage.name, sim_dtype=self.sim_dtype, rows=len(self.keys), shard_size=self.shard_size,
+            shards=shards, failures=failures, sources=sources or [],
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), tool_version=_version())
+        atomic_write_json(self.out / MANIFEST_NAME, manifest.to_json())
+        shutil.rmtree(self.out / PROGRESS, ignore_errors=True)
+        shutil.rmtree(self.out / STAGING, ignore_errors=True)
+        self.complete = True
+        return manifest
+
+
+def write_cache(out: str | Path, sims: np.ndarray, attns: np.ndarray, keys: list[str], index: dict[str, int], *,
+                expert: str = "test", format: str = "zarr", dtype: str = "float16",
+                shard_size: int = DEFAULT_SHARD_SIZE, patch_grid: int | None = None,
+                geometry: str = "pad") -> Path:
+    """Write a cache straight from arrays: ``sims`` (R, N, N), ``attns`` (R, N). For tests and tools."""
+    sims, attns = np.asarray(sims, np.float32), np.asarray(attns, np.float32)
+    rows, n = attns.shape
+    grid = int(round(n ** 0.5))
+    if grid * grid != n or sims.shape != (rows, n, n) or len(keys) != rows:
+        raise ValueError(f"inconsistent shapes: sims {sims.shape}, attns {attns.shape}, {len(keys)} keys")
+    identity = {"expert": expert, "weights_sha256": "0" * 64, "grid": grid, "geometry": geometry, "token_mode": "raw"}
+    writer = CacheWriter(out, identity=identity, keys=keys, index=index, num_tokens=n, storage=format,
+                         sim_dtype=dtype, shard_size=shard_size)
+    for s in writer.pending_shards():
+        r = writer.shard_rows(s)
+        writer.write_shard(s, sims[r.start:r.stop], attns[r.start:r.stop])
+    writer.finalize(expert=expert, arch="synthetic", weights_sha256="0" * 64, token_mode="raw",
+                    preprocessing={"image_size": 0, "mean": [0, 0, 0], "std": [1, 1, 1], "geometry": geometry,
+                                   "interpolation": "bicubic"},
+                    layer="last block", patch_grid=patch_grid or grid, grid=grid)
+    return Path(out)
