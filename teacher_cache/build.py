@@ -1,0 +1,216 @@
+"""``medalign-cache build``: run an expert CLIP once over the datasets and write the teacher cache.
+
+Plan (cheap, single process): read the dataset files, collect the unique image paths, hash each
+file's bytes, dedupe by content, fix the row order. Then compute shard by shard: DataLoader
+workers decode and preprocess images while the main process runs the expert; each finished shard
+is committed atomically; the manifest is written last. Batches never straddle shards, so a
+resumed build computes exactly the batches an uninterrupted one would, and its arrays are
+identical.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from shared.cache import CacheWriter, Manifest, normalise_rel
+from shared.cache.writer import DEFAULT_SHARD_SIZE
+from shared.errors import BadImageError, MedAlignError
+from shared.images import Preprocess, decode_image, read_image_bytes, resolve_image_path, sha256_bytes
+from shared.records import load_records, record_image
+from teacher_cache.experts import get_expert, load_expert, weights_sha256
+from teacher_cache.signals import teacher_signals
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Settings of one cache build (the flags of ``medalign-cache build``)."""
+
+    expert: str                      # registry name: unimed-l | unimed-b | biomedclip
+    weights: Path                    # UniMed .pt checkpoint or BiomedCLIP directory
+    data: tuple[Path, ...]           # LLaVA-style JSON files sharing this cache
+    image_root: Path                 # dataset-relative image paths are resolved under this
+    grid: int                        # student grid side G (N = G * G)
+    out: Path                        # cache directory
+    geometry: str = "pad"            # pad (the student's view) | crop (the reference's)
+    storage: str = "zarr"            # zarr | hdf5
+    sim_dtype: str = "float16"       # float16 | int8
+    batch_size: int = 32             # images per expert forward
+    num_workers: int = 2             # image-decoding worker processes (0 = in the main process)
+    device: str = "cpu"              # cpu | cuda
+    resume: bool = False             # finish an interrupted build in --out
+    skip_bad: bool = False           # record unreadable images in the manifest instead of stopping
+    shard_size: int = DEFAULT_SHARD_SIZE
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.grid < 1:
+            raise MedAlignError(f"--grid must be >= 1, got {self.grid}")
+        if self.batch_size < 1:
+            raise MedAlignError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise MedAlignError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise MedAlignError("--device cuda requested but no CUDA device is available")
+        if not self.data:
+            raise MedAlignError("give at least one --data file")
+
+
+@dataclass
+class Plan:
+    """The rows of the cache: unique images in order of first appearance."""
+
+    keys: list[str] = field(default_factory=list)            # sha256 per row
+    paths: list[Path] = field(default_factory=list)          # one readable file per row
+    index: dict[str, int] = field(default_factory=dict)      # dataset-relative path -> row
+    failures: list[dict[str, str]] = field(default_factory=list)
+    sources: list[dict] = field(default_factory=list)
+
+
+def plan_rows(cfg: BuildConfig) -> Plan:
+    """Read the datasets, hash every referenced image, dedupe by content."""
+    plan = Plan()
+    rels: dict[str, None] = {}
+    for data in cfg.data:
+        records = load_records(data)
+        images = {normalise_rel(img) for r in records if (img := record_image(r)) is not None}
+        plan.sources.append({"data": str(data), "records": len(records), "images": len(images)})
+        for r in records:
+            img = record_image(r)
+            if img is not None:
+                rels.setdefault(normalise_rel(img), None)
+    if not rels:
+        raise MedAlignError("the --data files reference no images")
+    key_row: dict[str, int] = {}
+    for rel in tqdm(rels, desc="hashing images", unit="img", disable=not cfg.progress, leave=False):
+        path = resolve_image_path(cfg.image_root, rel)  # escaping paths are refused even with --skip-bad
+        try:
+            key = sha256_bytes(read_image_bytes(path))
+        except BadImageError as e:
+            if not cfg.skip_bad:
+                raise MedAlignError(f"{e} (referenced as {rel!r}; pass --skip-bad to record and skip it)") from None
+            plan.failures.append({"path": rel, "reason": e.reason})
+            continue
+        if key not in key_row:
+            key_row[key] = len(plan.keys)
+            plan.keys.append(key)
+            plan.paths.append(path)
+        plan.index[rel] = key_row[key]
+    if not plan.keys:
+        raise MedAlignError("no readable images: every referenced image failed")
+    return plan
+
+
+class _ImageRows(Dataset):
+    """Decodes and preprocesses the image of a row in a DataLoader worker."""
+
+    def __init__(self, paths: list[Path], keys: list[str], preprocess: Preprocess):
+        self.paths, self.keys, self.preprocess = paths, keys, preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, row: int):
+        path = self.paths[row]
+        try:
+            data = read_image_bytes(path)
+            if sha256_bytes(data) != self.keys[row]:
+                raise BadImageError(path, "file changed since the build was planned")
+            return row, torch.from_numpy(self.preprocess(decode_image(data, path))), None
+        except BadImageError as e:
+            return row, None, e.reason
+
+
+def _collate(items):
+    rows = [r for r, _, _ in items]
+    pixels = [p for _, p, _ in items if p is not None]
+    errors = {r: err for r, _, err in items if err is not None}
+    return rows, (torch.stack(pixels) if pixels else None), errors
+
+
+def _shard_batches(writer: CacheWriter, shards: list[int], batch_size: int) -> list[list[int]]:
+    """Row batches that never cross a shard boundary (same batches whether resumed or not)."""
+    batches = []
+    for s in shards:
+        rows = list(writer.shard_rows(s))
+        batches.extend(rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
+    return batches
+
+
+def build_cache(cfg: BuildConfig) -> Manifest:
+    spec = get_expert(cfg.expert)  # unknown names fail before any work
+    plan = plan_rows(cfg)
+    wsha = weights_sha256(cfg.weights)
+    identity = {"expert": spec.name, "weights_sha256": wsha, "grid": cfg.grid, "geometry": cfg.geometry,
+                "token_mode": spec.token_mode}
+    n = cfg.grid * cfg.grid
+    writer = CacheWriter(cfg.out, identity=identity, keys=plan.keys, index=plan.index, num_tokens=n,
+                         storage=cfg.storage, sim_dtype=cfg.sim_dtype, shard_size=cfg.shard_size, resume=cfg.resume)
+    pending = writer.pending_shards()
+    dtype = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
+    expert = load_expert(cfg.expert, cfg.weights, device=cfg.device, dtype=dtype, geometry=cfg.geometry)
+    if pending:
+        _compute_shards(cfg, writer, expert, plan, pending)
+    manifest = writer.finalize(
+        expert=spec.name, arch=expert.arch, weights_sha256=wsha, token_mode=spec.token_mode,
+        preprocessing=expert.preprocess.to_json(), layer=expert.layer_name, patch_grid=expert.grid,
+        grid=cfg.grid, sources=plan.sources)
+    return manifest
+
+
+def _compute_shards(cfg: BuildConfig, writer: CacheWriter, expert, plan: Plan, pending: list[int]) -> None:
+    dataset = _ImageRows(plan.paths, plan.keys, expert.preprocess)
+    batches = _shard_batches(writer, pending, cfg.batch_size)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=_collate,
+                        pin_memory=cfg.device.startswith("cuda"), persistent_workers=False)
+    n, tri_i, tri_j = writer.num_tokens, *np.triu_indices(writer.num_tokens)
+    tri_i_t = torch.as_tensor(tri_i, device=cfg.device)
+    tri_j_t = torch.as_tensor(tri_j, device=cfg.device)
+    total = sum(len(writer.shard_rows(s)) for s in pending)
+    # Planning failures (missing / empty files) are recorded with the first shard written.
+    plan_failures = list(plan.failures) if 0 in pending or not pending else []
+    buffers: dict[int, dict] = {}
+    bar = tqdm(total=total, desc=f"{cfg.expert} -> {cfg.out.name}", unit="img", disable=not cfg.progress,
+               smoothing=0.1)
+    for rows, pixels, errors in loader:
+        for row, reason in errors.items():
+            if not cfg.skip_bad:
+                raise MedAlignError(f"bad image {plan.paths[row]}: {reason} (nothing was written for its "
+                                    "shard; pass --skip-bad to record and skip it)")
+        good = [r for r in rows if r not in errors]
+        sims = np.zeros((len(rows), tri_i.size), np.float32)
+        attns = np.zeros((len(rows), n), np.float32)
+        if pixels is not None:
+            with torch.inference_mode():
+                e_v, e_a = expert.encode(pixels.to(cfg.device, non_blocking=True))
+                sim, attn = teacher_signals(e_v, e_a, cfg.grid)
+                tri = sim[:, tri_i_t, tri_j_t]
+            pos = [rows.index(r) for r in good]
+            sims[pos] = tri.float().cpu().numpy()
+            attns[pos] = attn.float().cpu().numpy()
+        shard = rows[0] // writer.shard_size
+        buf = buffers.setdefault(shard, {"sims": {}, "attns": {}, "failures": [], "failed": set()})
+        for i, r in enumerate(rows):
+            buf["sims"][r], buf["attns"][r] = sims[i], attns[i]
+        for r, reason in errors.items():
+            buf["failed"].add(r)
+            rel = next((p for p, row in plan.index.items() if row == r), str(plan.paths[r]))
+            buf["failures"].append({"path": rel, "reason": reason, "key": plan.keys[r]})
+        bar.update(len(rows))
+        shard_rows = writer.shard_rows(shard)
+        if len(buf["sims"]) == len(shard_rows):
+            order = list(shard_rows)
+            failures = buf["failures"] + (plan_failures if shard == pending[0] else [])
+            writer.write_shard(shard, np.stack([buf["sims"][r] for r in order]),
+                               np.stack([buf["attns"][r] for r in order]), failures=failures,
+                               failed_rows=buf["failed"])
+            del buffers[shard]
+    bar.close()

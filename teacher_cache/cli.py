@@ -1,0 +1,175 @@
+"""``medalign-cache``: build, inspect, verify and visualise teacher caches."""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from shared.errors import MedAlignError
+
+
+def _friendly(fn):
+    """Turn user-facing errors into ``Error: ...`` and exit status 2 (no traceback)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MedAlignError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Build and inspect MedAlign teacher caches (expert CLIP similarity + attention targets)."""
+
+
+def _expert_choice():
+    from teacher_cache.experts import list_experts
+    return click.Choice(list_experts())
+
+
+@main.command()
+@click.option("--expert", required=True, help="Expert CLIP: unimed-l (default in the paper), unimed-b, biomedclip.")
+@click.option("--weights", required=True, type=click.Path(exists=True, path_type=Path),
+              help="UniMed-CLIP .pt checkpoint, or a BiomedCLIP directory (open_clip_config.json + .bin).")
+@click.option("--data", "data", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="LLaVA-style JSON dataset; repeat to share one cache between datasets.")
+@click.option("--image-root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Directory the datasets' image paths are relative to.")
+@click.option("--grid", type=int, help="Student grid side G (24 for 576 image tokens).")
+@click.option("--student", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="HF-format LLaVA model dir; its vision config gives the grid.")
+@click.option("--geometry", type=click.Choice(["pad", "crop"]), default="pad", show_default=True,
+              help="pad = the student's pad-to-square view; crop = the reference's centre crop.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache directory to create.")
+@click.option("--format", "storage", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
+@click.option("--dtype", "sim_dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True,
+              help="Encoding of the similarity triangle.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--num-workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (bf16 on CUDA).")
+@click.option("--shard-size", type=int, default=256, show_default=True, help="Rows per shard file.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted build in --out.")
+@click.option("--skip-bad", is_flag=True, help="Record unreadable images in the manifest and go on.")
+@_friendly
+def build(expert, weights, data, image_root, grid, student, geometry, out, storage, sim_dtype, batch_size,
+          num_workers, device, shard_size, resume, skip_bad):
+    """Run an expert CLIP once over the datasets and write the teacher cache."""
+    from shared.grid import student_grid
+    from teacher_cache.build import BuildConfig, build_cache
+    from teacher_cache.experts import get_expert
+    get_expert(expert)
+    if (grid is None) == (student is None):
+        raise MedAlignError("give exactly one of --grid G or --student MODEL_DIR")
+    if student is not None:
+        grid = student_grid(student)
+    cfg = BuildConfig(expert=expert, weights=weights, data=tuple(data), image_root=image_root, grid=grid, out=out,
+                      geometry=geometry, storage=storage, sim_dtype=sim_dtype, batch_size=batch_size,
+                      num_workers=num_workers, device=device, resume=resume, skip_bad=skip_bad,
+                      shard_size=shard_size)
+    manifest = build_cache(cfg)
+    click.echo(f"cache written: {out} ({manifest.rows} images, grid {manifest.grid}x{manifest.grid}, "
+               f"{len(manifest.failures)} failures)")
+    for f in manifest.failures[:10]:
+        click.echo(f"  skipped {f['path']}: {f['reason']}")
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@main.command()
+@click.argument("cache", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead.")
+@_friendly
+def info(cache, as_json):
+    """Describe a cache: provenance, encodings, rows, size on disk."""
+    from shared.cache import open_cache
+    reader = open_cache(cache)
+    m = reader.manifest
+    if as_json:
+        click.echo(json.dumps(m.to_json(), indent=1))
+        return
+    size = _dir_size(cache)
+    click.echo(m.describe())
+    click.echo(f"indexed paths {len(reader.index)}")
+    click.echo(f"size on disk  {size / 1e6:.2f} MB, {size / max(m.rows, 1) / 1e3:.1f} KB per image")
+
+
+@main.command()
+@click.argument("cache", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--recompute", type=int, default=0, help="Re-run the expert on N random rows and compare.")
+@click.option("--weights", type=click.Path(exists=True, path_type=Path), help="Expert weights (for --recompute).")
+@click.option("--image-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Image root of the datasets (for --recompute).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tolerance", type=float, default=None,
+              help="Max abs difference accepted by --recompute (default 2e-3 for float16, 6e-3 for int8).")
+@_friendly
+def verify(cache, recompute, weights, image_root, device, seed, tolerance):
+    """Check shard checksums; optionally recompute rows with the expert."""
+    from shared.cache import open_cache
+    from shared.images import sha256_file
+    reader = open_cache(cache)
+    m = reader.manifest
+    bad = []
+    nfiles = 0
+    for shard in m.shards:
+        for rel, digest in shard["files"].items():
+            nfiles += 1
+            path = cache / rel
+            if not path.is_file():
+                bad.append(f"{rel}: missing")
+            elif sha256_file(path) != digest:
+                bad.append(f"{rel}: checksum mismatch")
+    for b in bad:
+        click.echo(f"FAIL {b}", err=True)
+    click.echo(f"checksums: {nfiles - len(bad)}/{nfiles} files OK")
+    ok = not bad
+    if recompute:
+        if weights is None or image_root is None:
+            raise MedAlignError("--recompute needs --weights and --image-root")
+        from teacher_cache.verify import recompute_rows
+        rows_by_path = {}
+        for rel, row in reader.index.items():
+            rows_by_path.setdefault(row, rel)
+        rows = sorted(random.Random(seed).sample(sorted(rows_by_path), min(recompute, len(rows_by_path))))
+        d_sim, d_attn = recompute_rows(reader, weights, image_root, {r: rows_by_path[r] for r in rows}, device)
+        tol = tolerance if tolerance is not None else (6e-3 if m.sim_dtype == "int8" else 2e-3)
+        click.echo(f"recomputed {len(rows)} rows: max |d sim| = {d_sim:.3g}, max |d attn| = {d_attn:.3g} "
+                   f"(tolerance {tol:g})")
+        ok = ok and d_sim <= tol and d_attn <= tol
+    if not ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("cache", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Figure file (.png).")
+@click.option("--patch", type=int, default=None, help="Patch whose similarity row to show (default: the most attended).")
+@_friendly
+def show(cache, image, out, patch):
+    """Plot E_a over the image beside one patch's similarity row (paper Fig. 2c in spirit)."""
+    from teacher_cache.show import plot_entry
+    used = plot_entry(cache, image, out, patch)
+    click.echo(f"wrote {out} (similarity row of patch {used})")
+
+
+@main.command()
+@click.option("--out", default="medalign-demo/cache", show_default=True, type=click.Path(path_type=Path))
+@click.option("--images", type=int, default=24, show_default=True, help="Number of synthetic images.")
+@_friendly
+def demo(out, images):
+    """Build a cache over a generated image set with a tiny random-weight expert (no downloads)."""
+    from teacher_cache.demo import run_demo
+    run_demo(out, images)
