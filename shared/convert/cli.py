@@ -1,0 +1,80 @@
+"""``medalign-data``: turn public datasets and the LLaVA-Med checkpoint into what the pipeline reads.
+
+    medalign-data convert --format vqa-rad --input "VQA_RAD Dataset Public.json" --out data/vqa-rad
+    medalign-data convert-model --from llava-med llava-med-v1.5-mistral-7b --out llava-med-hf \\
+        --vision-tower clip-vit-large-patch14-336
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from shared.errors import MedAlignError
+
+
+def _fail(e: MedAlignError) -> None:
+    click.echo(f"Error: {e}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Dataset and checkpoint converters for MedAlign."""
+
+
+@main.command()
+@click.option("--format", "fmt", required=True,
+              type=click.Choice(["vqa-rad", "slake", "pathvqa", "iu-xray", "mimic-cxr", "omnimedvqa"]),
+              help="Source dataset format.")
+@click.option("--input", "input_path", required=True, type=click.Path(path_type=str),
+              help="Source file or folder (see the README for what each format accepts).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Output folder: train.json, test.json (val.json when the source has one), convert_stats.json.")
+@click.option("--image-root", type=click.Path(path_type=str), default=None,
+              help="If given, drop records whose image file is missing under this folder (counted).")
+@click.option("--prompt", default=None, help="Report formats only: the question asked for every report.")
+def convert(fmt: str, input_path: str, out_dir: str, image_root: str | None, prompt: str | None) -> None:
+    """Convert a public dataset release into LLaVA-style JSON."""
+    from shared.convert.datasets import convert_dataset
+
+    try:
+        stats, files = convert_dataset(fmt, input_path, out_dir, image_root=image_root, prompt=prompt)
+    except MedAlignError as e:
+        _fail(e)
+    for line in stats.summary_lines():
+        click.echo(line)
+    click.echo("wrote " + ", ".join(str(f) for f in files))
+
+
+@main.command("convert-model")
+@click.option("--from", "source_format", required=True, type=click.Choice(["llava-med"]),
+              help="Source checkpoint layout (llava-med: the original LLaVA-Med-1.5 llava_mistral folder).")
+@click.argument("src", type=click.Path(path_type=str))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Output folder for the LlavaForConditionalGeneration checkpoint.")
+@click.option("--vision-tower", default=None, type=click.Path(path_type=str),
+              help="Local CLIP folder (e.g. clip-vit-large-patch14-336); needed when SRC has no vision weights.")
+@click.option("--dtype", default="keep", show_default=True,
+              type=click.Choice(["keep", "float32", "float16", "bfloat16"]),
+              help="Output dtype; 'keep' uses the source embedding's dtype.")
+@click.option("--max-shard-size", default=5.0, show_default=True, type=click.FloatRange(min=0.001),
+              help="Largest output shard, in GB (10^9 bytes).")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty output folder.")
+def convert_model(source_format: str, src: str, out_dir: str, vision_tower: str | None, dtype: str,
+                  max_shard_size: float, overwrite: bool) -> None:
+    """Convert a LLaVA-Med-1.5 checkpoint into a transformers LlavaForConditionalGeneration folder."""
+    from shared.convert.llava_med import convert_llava_med
+
+    try:
+        report = convert_llava_med(src, out_dir, vision_tower=vision_tower, dtype=dtype,
+                                   max_shard_bytes=int(max_shard_size * 1e9), overwrite=overwrite)
+    except MedAlignError as e:
+        _fail(e)
+    for line in report.summary_lines():
+        click.echo(line)
+
+
+if __name__ == "__main__":
+    main()
