@@ -1,0 +1,157 @@
+"""Random-weight experts saved in the real on-disk formats, for tests and offline smoke runs.
+
+The builders write exactly what the real downloads look like, so the real loading code runs:
+
+- :func:`save_tiny_unimed` / :func:`save_random_unimed`: a UniMed-CLIP training checkpoint
+  (``{"epoch", "name", "state_dict": {"module.visual.*", "module.text.*", "module.logit_scale"}}``).
+  Real checkpoints carry no architecture, so tiny ones are loaded with the returned config:
+  ``load_expert("unimed-b", path, model_cfg=save_tiny_unimed(path, "b"))``.
+- :func:`save_tiny_biomedclip` / :func:`save_random_biomedclip`: an open_clip directory with
+  ``open_clip_config.json`` (BiomedCLIP's layout, text tower config included but never built) and
+  ``open_clip_pytorch_model.bin``; it loads with ``load_expert("biomedclip", dir)``.
+
+Every parameter is perturbed from its initial value (biases, norms, embeddings included) so a
+test cannot pass by accident on zeros and ones, and query/key projections are scaled up so the
+attention is far from uniform.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from teacher_cache.experts import OPENAI_MEAN, OPENAI_STD, OPEN_CLIP_CONFIG, _build_visual, get_expert
+
+#: Tiny UniMed-style towers (open_clip model configs). 'b': 32 px / patch 8 -> 4x4 grid, width 64,
+#: 2 layers, 2 heads. 'l': 42 px / patch 7 -> 6x6 grid, width 96, 3 layers, 3 heads.
+TINY_UNIMED_CFGS: dict[str, dict] = {
+    "b": {"embed_dim": 32, "quick_gelu": True,
+          "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32}},
+    "l": {"embed_dim": 48, "quick_gelu": True,
+          "vision_cfg": {"image_size": 42, "patch_size": 7, "width": 96, "layers": 3, "head_width": 32}},
+}
+
+#: BiomedCLIP's text tower config, written into the directory as the real one has it (never built).
+BIOMEDCLIP_TEXT_CFG = {
+    "hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+    "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+    "hf_proj_type": "mlp",
+    "hf_pooler_type": "cls_last_hidden_state_pooler",
+    "context_length": 256,
+}
+
+#: The real BiomedCLIP config (timm ViT-B/16 @224, 512-d projection).
+BIOMEDCLIP_MODEL_CFG = {
+    "embed_dim": 512,
+    "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
+                   "timm_pool": "", "timm_proj": "linear", "image_size": 224},
+    "text_cfg": BIOMEDCLIP_TEXT_CFG,
+}
+
+#: Tiny BiomedCLIP: timm's ``test_vit`` trunk (160 px / patch 16 -> 10x10 grid, width 64, 6 blocks,
+#: 2 heads), 32-d projection, and a non-OpenAI mean/std so tests can see it is read from the file.
+TINY_BIOMEDCLIP_MODEL_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False,
+                   "timm_pool": "", "timm_proj": "linear", "image_size": 160},
+    "text_cfg": BIOMEDCLIP_TEXT_CFG,
+}
+TINY_BIOMEDCLIP_PREPROCESS = {"mean": [0.5, 0.45, 0.4], "std": [0.3, 0.25, 0.2]}
+
+
+def _perturb(module: nn.Module, seed: int, scale: float = 0.1) -> None:
+    """Move every parameter off its init: 1-d ones (biases, norms, embeddings) by ``scale`` * N(0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            p.add_(noise * (scale if p.ndim <= 1 else scale * p.std().clamp_min(1e-3).item()))
+
+
+def _sharpen_attention(module: nn.Module, factor: float = 3.0) -> None:
+    """Scale every attention's query and key projections by ``factor`` (logits by factor**2), so the
+    random model's attention is far from uniform and attention tests have something to see."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+                d = m.embed_dim
+                m.in_proj_weight[: 2 * d] *= factor
+            elif isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "head_dim"):
+                a = m.qkv.out_features // 3
+                m.qkv.weight[: 2 * a] *= factor
+
+
+def _text_keys(gen: torch.Generator, width: int) -> dict[str, Tensor]:
+    """A few text-tower tensors named as in real CLIP checkpoints (the loader must ignore them)."""
+    return {
+        "text.transformer.embeddings.word_embeddings.weight": torch.randn(50, width, generator=gen),
+        "text.transformer.encoder.layer.0.attention.self.query.weight": torch.randn(width, width, generator=gen),
+        "text.proj.0.weight": torch.randn(width, width, generator=gen),
+        "logit_scale": torch.tensor(4.6052),
+    }
+
+
+def save_random_unimed(path: str | Path, name: str = "unimed-b", model_cfg: dict | None = None,
+                       seed: int = 0) -> dict:
+    """Write a random-weight UniMed-CLIP checkpoint for expert ``name`` in the real format.
+
+    ``model_cfg`` None: the registry architecture at full size. Returns the model config used.
+    """
+    import open_clip
+    spec = get_expert(name)
+    cfg = copy.deepcopy(model_cfg if model_cfg is not None else open_clip.get_model_config(spec.arch))
+    torch.manual_seed(seed)
+    visual = _build_visual(cfg, quick_gelu=spec.quick_gelu)
+    _perturb(visual, seed)
+    _sharpen_attention(visual)
+    gen = torch.Generator().manual_seed(seed + 1)
+    state = {f"module.visual.{k}": v.detach().clone() for k, v in visual.state_dict().items()}
+    state.update({f"module.{k}": v for k, v in _text_keys(gen, 16).items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": 3, "name": f"random-{name}", "state_dict": state}, path)
+    return cfg
+
+
+def save_tiny_unimed(path: str | Path, arch: str = "b", seed: int = 0) -> dict:
+    """Tiny UniMed-style checkpoint (``arch`` 'b' -> expert unimed-b, 'l' -> unimed-l); returns the
+    ``model_cfg`` to pass to :func:`~teacher_cache.experts.load_expert`."""
+    if arch not in TINY_UNIMED_CFGS:
+        raise ValueError(f"arch must be one of {sorted(TINY_UNIMED_CFGS)}")
+    return save_random_unimed(path, f"unimed-{arch}", TINY_UNIMED_CFGS[arch], seed)
+
+
+def save_random_biomedclip(directory: str | Path, model_cfg: dict | None = None,
+                           preprocess_cfg: dict | None = None, seed: int = 0) -> Path:
+    """Write a random-weight BiomedCLIP-style open_clip directory; full size unless ``model_cfg``."""
+    model_cfg = copy.deepcopy(model_cfg if model_cfg is not None else BIOMEDCLIP_MODEL_CFG)
+    preprocess_cfg = preprocess_cfg if preprocess_cfg is not None else {"mean": list(OPENAI_MEAN),
+                                                                         "std": list(OPENAI_STD)}
+    torch.manual_seed(seed)
+    visual = _build_visual(model_cfg, quick_gelu=bool(model_cfg.get("quick_gelu", False)))
+    _perturb(visual, seed)
+    _sharpen_attention(visual)
+    gen = torch.Generator().manual_seed(seed + 1)
+    state = {f"visual.{k}": v.detach().clone() for k, v in visual.state_dict().items()}
+    state.update(_text_keys(gen, 16))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / OPEN_CLIP_CONFIG).write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2), encoding="utf-8")
+    torch.save(state, directory / "open_clip_pytorch_model.bin")
+    return directory
+
+
+def save_tiny_biomedclip(directory: str | Path, seed: int = 0) -> Path:
+    """Tiny BiomedCLIP-style directory (timm ``test_vit`` trunk, 10x10 grid); returns the directory."""
+    return save_random_biomedclip(directory, TINY_BIOMEDCLIP_MODEL_CFG, TINY_BIOMEDCLIP_PREPROCESS, seed)
+
+
+__all__ = [
+    "BIOMEDCLIP_MODEL_CFG", "TINY_BIOMEDCLIP_MODEL_CFG", "TINY_BIOMEDCLIP_PREPROCESS", "TINY_UNIMED_CFGS",
+    "save_random_biomedclip", "save_random_unimed", "save_tiny_biomedclip", "save_tiny_unimed",
+]
