@@ -49,6 +49,7 @@ class BuildConfig:
     resume: bool = False             # finish an interrupted build in --out
     skip_bad: bool = False           # record unreadable images in the manifest instead of stopping
     shard_size: int = DEFAULT_SHARD_SIZE
+    model_config: Path | None = None  # open_clip model config JSON overriding the registry's (custom towers)
     progress: bool = True
 
     def __post_init__(self):
@@ -145,6 +146,26 @@ def _shard_batches(writer: CacheWriter, shards: list[int], batch_size: int) -> l
     return batches
 
 
+def read_model_config(path: Path | None) -> dict | None:
+    """An open_clip model config (``{"embed_dim", "vision_cfg", ...}``) from a JSON file, or None."""
+    if path is None:
+        return None
+    from shared.records import read_json
+    cfg = read_json(path)
+    if not isinstance(cfg, dict) or "vision_cfg" not in cfg:
+        raise MedAlignError(f"{path}: an open_clip model config needs a 'vision_cfg' object")
+    return cfg
+
+
+def _arch_name(spec, cfg: BuildConfig) -> str:
+    arch = spec.arch or f"open_clip dir {cfg.weights}"
+    return f"{arch} with config {cfg.model_config}" if cfg.model_config else arch
+
+
+def layer_name(expert) -> str:
+    return f"block {expert.layer} (last of {expert.num_layers}): patch tokens + CLS->patch attention, head mean"
+
+
 def build_cache(cfg: BuildConfig) -> Manifest:
     spec = get_expert(cfg.expert)  # unknown names fail before any work
     plan = plan_rows(cfg)
@@ -155,13 +176,13 @@ def build_cache(cfg: BuildConfig) -> Manifest:
     writer = CacheWriter(cfg.out, identity=identity, keys=plan.keys, index=plan.index, num_tokens=n,
                          storage=cfg.storage, sim_dtype=cfg.sim_dtype, shard_size=cfg.shard_size, resume=cfg.resume)
     pending = writer.pending_shards()
-    dtype = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
-    expert = load_expert(cfg.expert, cfg.weights, device=cfg.device, dtype=dtype, geometry=cfg.geometry)
+    expert = load_expert(cfg.expert, cfg.weights, device=cfg.device, geometry=cfg.geometry,
+                         model_cfg=read_model_config(cfg.model_config))
     if pending:
         _compute_shards(cfg, writer, expert, plan, pending)
     manifest = writer.finalize(
-        expert=spec.name, arch=expert.arch, weights_sha256=wsha, token_mode=spec.token_mode,
-        preprocessing=expert.preprocess.to_json(), layer=expert.layer_name, patch_grid=expert.grid,
+        expert=spec.name, arch=_arch_name(spec, cfg), weights_sha256=wsha, token_mode=spec.token_mode,
+        preprocessing=expert.preprocess.to_json(), layer=layer_name(expert), patch_grid=expert.grid,
         grid=cfg.grid, sources=plan.sources)
     return manifest
 

@@ -59,9 +59,11 @@ def _expert_choice():
 @click.option("--shard-size", type=int, default=256, show_default=True, help="Rows per shard file.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted build in --out.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images in the manifest and go on.")
+@click.option("--model-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="open_clip model config JSON for a UniMed-format checkpoint of a non-standard size.")
 @_friendly
 def build(expert, weights, data, image_root, grid, student, geometry, out, storage, sim_dtype, batch_size,
-          num_workers, device, shard_size, resume, skip_bad):
+          num_workers, device, shard_size, resume, skip_bad, model_config):
     """Run an expert CLIP once over the datasets and write the teacher cache."""
     from shared.grid import student_grid
     from teacher_cache.build import BuildConfig, build_cache
@@ -74,7 +76,7 @@ def build(expert, weights, data, image_root, grid, student, geometry, out, stora
     cfg = BuildConfig(expert=expert, weights=weights, data=tuple(data), image_root=image_root, grid=grid, out=out,
                       geometry=geometry, storage=storage, sim_dtype=sim_dtype, batch_size=batch_size,
                       num_workers=num_workers, device=device, resume=resume, skip_bad=skip_bad,
-                      shard_size=shard_size)
+                      shard_size=shard_size, model_config=model_config)
     manifest = build_cache(cfg)
     click.echo(f"cache written: {out} ({manifest.rows} images, grid {manifest.grid}x{manifest.grid}, "
                f"{len(manifest.failures)} failures)")
@@ -112,10 +114,12 @@ def info(cache, as_json):
               help="Image root of the datasets (for --recompute).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--model-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="open_clip model config JSON, as given to build.")
 @click.option("--tolerance", type=float, default=None,
               help="Max abs difference accepted by --recompute (default 2e-3 for float16, 6e-3 for int8).")
 @_friendly
-def verify(cache, recompute, weights, image_root, device, seed, tolerance):
+def verify(cache, recompute, weights, image_root, device, seed, model_config, tolerance):
     """Check shard checksums; optionally recompute rows with the expert."""
     from shared.cache import open_cache
     from shared.images import sha256_file
@@ -143,7 +147,8 @@ def verify(cache, recompute, weights, image_root, device, seed, tolerance):
         for rel, row in reader.index.items():
             rows_by_path.setdefault(row, rel)
         rows = sorted(random.Random(seed).sample(sorted(rows_by_path), min(recompute, len(rows_by_path))))
-        d_sim, d_attn = recompute_rows(reader, weights, image_root, {r: rows_by_path[r] for r in rows}, device)
+        d_sim, d_attn = recompute_rows(reader, weights, image_root, {r: rows_by_path[r] for r in rows}, device,
+                                       model_config)
         tol = tolerance if tolerance is not None else (6e-3 if m.sim_dtype == "int8" else 2e-3)
         click.echo(f"recomputed {len(rows)} rows: max |d sim| = {d_sim:.3g}, max |d attn| = {d_attn:.3g} "
                    f"(tolerance {tol:g})")
