@@ -1,0 +1,267 @@
+"""The resolved configuration of one training run: typed groups, validated on construction.
+
+The command line and ``--config run.yaml`` are flat (``align_layer: 20``, ``lr: 2e-4``, ...; dashes
+or underscores); :meth:`TrainConfig.from_flat` sorts the keys into the groups and
+:meth:`TrainConfig.to_dict` writes the nested form saved as ``RUN_DIR/config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from shared.errors import MedAlignError
+
+ATT_NORMS = ("sum", "softmax", "l2")
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise MedAlignError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass
+class DataArgs:
+    """Where the training samples come from and how they are turned into tokens."""
+
+    data: str = ""
+    """LLaVA-style JSON list of training records."""
+    image_root: str = ""
+    """Directory the records' ``image`` paths are relative to."""
+    template: str | None = None
+    """Prompt template name; default: the model's ``medalign.json``, else by backbone."""
+    max_length: int = 1024
+    """Longest sample in tokens (image tokens expanded); longer samples are skipped and counted."""
+    allow_missing: bool = False
+    """Train samples whose image is not in the cache with the LM loss only (else: an error)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (each opens the cache itself)."""
+
+    def __post_init__(self):
+        if not self.data:
+            raise MedAlignError("--data is required")
+        if not self.image_root:
+            raise MedAlignError("--image-root is required")
+        _positive("--max-length", self.max_length)
+        _positive("--num-workers", self.num_workers, allow_zero=True)
+
+
+@dataclass
+class ModelArgs:
+    """The student, its LoRA adapter and how it runs."""
+
+    model: str = ""
+    """HF-format LLaVA student directory (``LlavaForConditionalGeneration``)."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from the model directory (off unless asked for)."""
+    lora_r: int = 32
+    """LoRA rank."""
+    lora_alpha: float = 16
+    """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    bf16: bool = False
+    """Load the frozen weights in bfloat16 and autocast to bfloat16 (trainable weights stay fp32)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder layers in backward (non-reentrant) to save activation memory."""
+
+    def __post_init__(self):
+        if not self.model:
+            raise MedAlignError("--model is required")
+        _positive("--lora-r", self.lora_r)
+        _positive("--lora-alpha", self.lora_alpha)
+        if not 0 <= self.lora_dropout < 1:
+            raise MedAlignError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class AlignArgs:
+    """The MedAlign distillation: teacher cache, layer and loss weights (DESIGN.md section 1)."""
+
+    cache: str | None = None
+    """Teacher cache directory (``medalign-cache build``); not needed when alpha = beta = 0."""
+    align_layer: int = 20
+    """Decoder layer l: W rotates ``layers[l-1]``'s visual output, L_att reads ``layers[l]``."""
+    alpha: float = 1.0
+    """Weight of L_vis (0: MedAlign-att ablation)."""
+    beta: float = 0.06
+    """Weight of L_att (0: MedAlign-vis ablation; 0.03 for reports)."""
+    eps: float = 1.0
+    """Scale of the rotation: X~ = X + eps * X W^T."""
+    att_norm: str = "sum"
+    """How E_a and M_a become distributions: sum (default), softmax (paper), l2 (reference code)."""
+
+    def __post_init__(self):
+        _positive("--alpha", self.alpha, allow_zero=True)
+        _positive("--beta", self.beta, allow_zero=True)
+        if self.att_norm not in ATT_NORMS:
+            raise MedAlignError(f"--att-norm must be one of {', '.join(ATT_NORMS)}, got {self.att_norm!r}")
+        if self.align_layer < 1:
+            raise MedAlignError(f"--align-layer must be >= 1 (W sits on layers[l-1]), got {self.align_layer}")
+        if self.distill and not self.cache:
+            raise MedAlignError(
+                f"--cache is required when --alpha ({self.alpha}) or --beta ({self.beta}) is > 0; "
+                "plain LoRA fine-tuning is --alpha 0 --beta 0")
+
+    @property
+    def distill(self) -> bool:
+        """Whether any teacher signal is used (False: plain LoRA fine-tuning)."""
+        return self.alpha > 0 or self.beta > 0
+
+
+@dataclass
+class OptimArgs:
+    """AdamW, cosine schedule with warmup, and how long to train."""
+
+    lr: float = 2e-4
+    """Learning rate of the LoRA weights and W."""
+    projector_lr: float = 2e-5
+    """Learning rate of the multimodal projector (0 freezes it)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    warmup_ratio: float = 0.03
+    """Fraction of the optimizer steps spent warming up linearly."""
+    epochs: float = 9
+    """Passes over the data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Total optimizer steps (overrides epochs)."""
+    batch_size: int = 1
+    """Samples per device per micro-batch."""
+    grad_accum: int = 8
+    """Micro-batches accumulated per optimizer step."""
+
+    def __post_init__(self):
+        _positive("--lr", self.lr)
+        _positive("--projector-lr", self.projector_lr, allow_zero=True)
+        _positive("--weight-decay", self.weight_decay, allow_zero=True)
+        _positive("--max-grad-norm", self.max_grad_norm, allow_zero=True)
+        if not 0 <= self.warmup_ratio < 1:
+            raise MedAlignError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        _positive("--epochs", self.epochs)
+        _positive("--max-steps", self.max_steps)
+        _positive("--batch-size", self.batch_size)
+        _positive("--grad-accum", self.grad_accum)
+
+
+@dataclass
+class RunArgs:
+    """Output directory, seeding, logging, checkpointing and the device."""
+
+    out: str = ""
+    """RUN_DIR: adapter, W, config, teacher identity, logs and checkpoints."""
+    seed: int = 0
+    """Seed of the data order, LoRA init and dropout."""
+    resume: bool = False
+    """Continue from RUN_DIR's last checkpoint (starts fresh when there is none)."""
+    log_every: int = 1
+    """Optimizer steps between console log lines (TensorBoard gets every step)."""
+    save_every: int = 0
+    """Optimizer steps between checkpoints (0: only at the end of each epoch and of the run)."""
+    keep_checkpoints: int = 1
+    """How many of the latest checkpoints to keep."""
+    stop_after: int | None = None
+    """Stop this invocation after this many optimizer steps (with a checkpoint; resume later)."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, or cuda:K."""
+
+    def __post_init__(self):
+        if not self.out:
+            raise MedAlignError("--out is required")
+        _positive("--log-every", self.log_every)
+        _positive("--save-every", self.save_every, allow_zero=True)
+        _positive("--keep-checkpoints", self.keep_checkpoints)
+        _positive("--stop-after", self.stop_after)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise MedAlignError(f"--device must be auto, cpu, cuda or cuda:K, got {self.device!r}")
+
+
+GROUPS = {"data": DataArgs, "model": ModelArgs, "align": AlignArgs, "optim": OptimArgs, "run": RunArgs}
+
+#: Keys that may differ between a run and its resumption (they do not change what is learned).
+RESUMABLE_CHANGES = {"resume", "stop_after", "num_workers", "log_every", "save_every", "keep_checkpoints",
+                     "device", "out"}
+
+
+def flat_keys() -> dict[str, str]:
+    """Every flat key -> its group name."""
+    return {f.name: g for g, cls in GROUPS.items() for f in fields(cls)}
+
+
+@dataclass
+class TrainConfig:
+    """The whole run: one field per group."""
+
+    data: DataArgs
+    model: ModelArgs
+    align: AlignArgs
+    optim: OptimArgs
+    run: RunArgs
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from flat keys (``align_layer`` or ``align-layer``); ``None`` values mean "default"."""
+        where = flat_keys()
+        groups: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
+        unknown = []
+        for key, value in values.items():
+            k = key.replace("-", "_")
+            if k not in where:
+                unknown.append(key)
+            elif value is not None:
+                groups[where[k]][k] = value
+        if unknown:
+            raise MedAlignError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        try:
+            return cls(**{g: GROUPS[g](**kw) for g, kw in groups.items()})
+        except TypeError as e:
+            raise MedAlignError(f"bad setting: {e}") from None
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {g: dataclasses.asdict(getattr(self, g)) for g in GROUPS}
+
+    def flat(self) -> dict[str, Any]:
+        return {k: v for g in GROUPS for k, v in dataclasses.asdict(getattr(self, g)).items()}
+
+    @property
+    def out(self) -> Path:
+        return Path(self.run.out)
+
+
+def read_yaml_config(path: str | Path) -> dict[str, Any]:
+    """A ``run.yaml``: flat keys, or keys nested under the group names (data, model, align, optim, run).
+
+    Returns flat keys with underscores; unknown keys are an error naming them.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MedAlignError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise MedAlignError(f"{path}{where}: malformed YAML: {getattr(e, 'problem', e)}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise MedAlignError(f"{path}: expected a mapping of settings, got {type(doc).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        k = str(key).replace("-", "_")
+        if k in GROUPS and isinstance(value, dict):
+            flat.update({str(kk).replace("-", "_"): vv for kk, vv in value.items()})
+        else:
+            flat[k] = value
+    known = flat_keys()
+    unknown = sorted(k for k in flat if k not in known)
+    if unknown:
+        raise MedAlignError(f"{path}: unknown setting(s): {', '.join(unknown)}")
+    return flat

@@ -1,0 +1,387 @@
+"""Training data: LLaVA-style records -> tokenised samples with image tokens, labels and teacher rows.
+
+Everything that can be wrong with the data is found when the dataset is built, before a model is
+loaded or an output directory created: malformed JSON, records without an image or a ``gpt`` turn,
+missing image files, images absent from the teacher cache. The build is deterministic, so every
+DDP rank builds the identical sample list (too-long samples are dropped and counted, identically).
+
+Each sample is the template's prompt and answer tokenised as LLaVA does: the ``<image>``
+placeholder splits the prompt, the text pieces are tokenised separately and the placeholder becomes
+``N`` copies of the image token id. A sample's fields (see :func:`collate`):
+
+* ``labels``: -100 everywhere except the answer tokens (answer text, template suffix, EOS);
+* ``query_mask``: the prompt tokens after the image up to the start of the answer (the query rows
+  of ``L_att``).
+
+Images are read with :func:`shared.images.load_image`, padded to a square with the processor's
+mean colour (LLaVA ``image_aspect_ratio=pad``) and processed by the model's CLIP image processor
+with the PIL backend (the torchvision one differs from the reference pixels by up to 0.015). The
+teacher cache is opened lazily in whichever process reads it (one reader per DataLoader worker).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.errors import MedAlignError
+from shared.images import expand2square, load_image, mean_colour, resolve_image_path
+from shared.records import IMAGE_PLACEHOLDER, answer_text, first_turn, load_records, question_text, record_id, record_image
+from student_train.templates import PromptTemplate
+
+IGNORE_INDEX = -100
+#: How many offending records an error message lists.
+SHOW = 5
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenised sample, image placeholder NOT expanded (compact; expanded in ``__getitem__``).
+
+    ``ids`` holds the text token ids with a single ``image_token_id`` at ``image_pos``; tokens at
+    positions ``>= answer_start`` are supervised.
+    """
+
+    ids: np.ndarray
+    image_pos: int
+    answer_start: int
+
+    def length(self, num_image_tokens: int) -> int:
+        return len(self.ids) - 1 + num_image_tokens
+
+
+def _encode_text(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=bool(tokenizer.is_fast))
+    return list(enc["input_ids"]), (list(map(tuple, enc["offset_mapping"])) if tokenizer.is_fast else None)
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` prepends its BOS token by default (``add_special_tokens=True``)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and list(tokenizer("a", add_special_tokens=True)["input_ids"][:1]) == [bos]
+
+
+def encode_sample(tokenizer, template: PromptTemplate, question: str, answer: str, image_token_id: int,
+                  *, add_bos: bool | None = None) -> Encoded:
+    """Tokenise one (question, answer) with ``template`` the way LLaVA's ``tokenizer_image_token`` does.
+
+    The prompt is split at its single ``<image>``; the text before it and the text after it
+    (prompt tail + answer) are tokenised separately, and the answer's first token is found from the
+    character offsets (a token that starts at or after the prompt's end is an answer token), so the
+    answer is tokenised in context exactly as in the full text. BOS is prepended when the tokenizer
+    itself adds one (Llama/Mistral tokenizers do, Qwen2's does not); EOS is appended.
+    """
+    prompt, full = template.build_training_text(question, answer)
+    head, sep, _ = prompt.partition(IMAGE_PLACEHOLDER)
+    assert sep, "templates always contain the image placeholder"
+    tail_full = full[len(head) + len(IMAGE_PLACEHOLDER):]
+    tail_prompt_len = len(prompt) - len(head) - len(IMAGE_PLACEHOLDER)
+
+    head_ids, _ = _encode_text(tokenizer, head) if head else ([], None)
+    tail_ids, offsets = _encode_text(tokenizer, tail_full)
+    if offsets is not None:
+        n_prompt_tail = next((i for i, (s, _) in enumerate(offsets) if s >= tail_prompt_len), len(tail_ids))
+    else:  # slow tokenizer: tokenise the prompt tail on its own
+        n_prompt_tail = len(_encode_text(tokenizer, tail_full[:tail_prompt_len])[0])
+    if image_token_id in head_ids or image_token_id in tail_ids:
+        raise MedAlignError("the question or answer text contains the image token itself")
+
+    ids: list[int] = []
+    if adds_bos(tokenizer) if add_bos is None else add_bos:
+        ids.append(int(tokenizer.bos_token_id))
+    ids += head_ids
+    image_pos = len(ids)
+    ids.append(int(image_token_id))
+    answer_start = len(ids) + n_prompt_tail
+    ids += tail_ids
+    if tokenizer.eos_token_id is None:
+        raise MedAlignError("the tokenizer has no EOS token; cannot mark the end of answers")
+    ids.append(int(tokenizer.eos_token_id))
+    return Encoded(np.asarray(ids, dtype=np.int64), image_pos, answer_start)
+
+
+def expand(enc: Encoded, image_token_id: int, num_image_tokens: int) -> dict[str, torch.Tensor]:
+    """Expand the placeholder into ``num_image_tokens`` image ids; build labels and the query mask.
+
+    Returns ``input_ids`` [T] long, ``labels`` [T] long, ``query_mask`` [T] bool with
+    ``T = enc.length(num_image_tokens)``.
+    """
+    n = num_image_tokens
+    ids = torch.from_numpy(enc.ids)
+    input_ids = torch.cat([ids[:enc.image_pos], torch.full((n,), image_token_id, dtype=torch.long),
+                           ids[enc.image_pos + 1:]])
+    shift = n - 1
+    answer_start = enc.answer_start + shift
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[answer_start:] = input_ids[answer_start:]
+    query_mask = torch.zeros(len(input_ids), dtype=torch.bool)
+    query_mask[enc.image_pos + n:answer_start] = True
+    return {"input_ids": input_ids, "labels": labels, "query_mask": query_mask}
+
+
+@dataclass
+class DataStats:
+    """What happened to the records of the data file (saved as ``data_stats.json``)."""
+
+    records: int = 0
+    used: int = 0
+    too_long: int = 0
+    too_long_ids: list[str] = field(default_factory=list)
+    no_teacher: int = 0
+    no_teacher_ids: list[str] = field(default_factory=list)
+    max_length: int = 0
+    longest: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (v[:20] if isinstance(v, list) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A validated, tokenised training sample."""
+
+    index: int
+    """Position of the record in the data file."""
+    record_id: str
+    image: str
+    """Dataset-relative image path."""
+    enc: Encoded
+    teacher_row: int | None
+    """Row in the teacher cache, None without a teacher entry (or without a cache)."""
+
+
+def _describe(path, i: int, rec: dict) -> str:
+    rid = record_id(rec)
+    return f"{path} record {i}" + (f" (id {rid})" if rid else "")
+
+
+def _listing(items: list[str], total: int) -> str:
+    more = f" ... and {total - len(items)} more" if total > len(items) else ""
+    return "; ".join(items) + more
+
+
+def build_samples(
+    data_path: str | Path,
+    image_root: str | Path,
+    tokenizer,
+    template: PromptTemplate,
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    max_length: int,
+    cache_path: str | Path | None = None,
+    allow_missing: bool = False,
+) -> tuple[list[Sample], DataStats]:
+    """Load, validate and tokenise a dataset; deterministic (identical on every rank).
+
+    Raises :class:`MedAlignError` naming the offending records for: malformed JSON (file, line,
+    column), a record without an image or without a ``gpt`` turn, a missing image file, and (unless
+    ``allow_missing``) images absent from the cache at ``cache_path``. Samples longer than
+    ``max_length`` tokens once the image tokens are expanded are dropped and counted.
+    """
+    records = load_records(data_path)
+    if not records:
+        raise MedAlignError(f"{data_path}: no records")
+    root = Path(image_root)
+    if not root.is_dir():
+        raise MedAlignError(f"--image-root {root} is not a directory")
+    no_image, no_answer, missing_file = [], [], []
+    for i, rec in enumerate(records):
+        img = record_image(rec)
+        if img is None:
+            no_image.append(_describe(data_path, i, rec))
+        elif not resolve_image_path(root, img).is_file():
+            missing_file.append(f"{img} ({_describe(data_path, i, rec)})")
+        if first_turn(rec, "gpt") is None and "answer" not in rec:
+            no_answer.append(_describe(data_path, i, rec))
+    if no_image:
+        raise MedAlignError(f"{len(no_image)} record(s) have no image (training needs one per sample): "
+                            + _listing(no_image[:SHOW], len(no_image)))
+    if no_answer:
+        raise MedAlignError(f"{len(no_answer)} record(s) have no 'gpt' turn to learn from: "
+                            + _listing(no_answer[:SHOW], len(no_answer)))
+    if missing_file:
+        raise MedAlignError(f"{len(missing_file)} image file(s) not found under --image-root {root}: "
+                            + _listing(missing_file[:SHOW], len(missing_file)))
+
+    rows: list[int | None] = [None] * len(records)
+    stats = DataStats(records=len(records), max_length=max_length)
+    if cache_path is not None:
+        from shared.cache import open_cache
+        reader = open_cache(cache_path)  # index lookups only; the dataset reopens lazily per worker
+        absent = []
+        for i, rec in enumerate(records):
+            rows[i] = reader.lookup(record_image(rec), root)
+            if rows[i] is None:
+                absent.append(f"{record_image(rec)} ({_describe(data_path, i, rec)})")
+        del reader
+        if absent and not allow_missing:
+            raise MedAlignError(
+                f"{len(absent)} of {len(records)} image(s) are not in the teacher cache {cache_path}: "
+                + _listing(absent[:SHOW], len(absent))
+                + ". Build the cache for this data, or pass --allow-missing to train those samples "
+                  "with the LM loss only")
+
+    samples: list[Sample] = []
+    bos = adds_bos(tokenizer)
+    for i, rec in enumerate(records):
+        enc = encode_sample(tokenizer, template, question_text(rec), answer_text(rec), image_token_id, add_bos=bos)
+        length = enc.length(num_image_tokens)
+        stats.longest = max(stats.longest, length)
+        if length > max_length:
+            stats.too_long += 1
+            stats.too_long_ids.append(record_id(rec) or str(i))
+            continue
+        if cache_path is not None and rows[i] is None:
+            stats.no_teacher += 1
+            stats.no_teacher_ids.append(record_id(rec) or str(i))
+        samples.append(Sample(i, record_id(rec), record_image(rec), enc, rows[i]))
+    stats.used = len(samples)
+    if not samples:
+        raise MedAlignError(f"{data_path}: all {len(records)} samples are longer than --max-length "
+                            f"{max_length} once the {num_image_tokens} image tokens are expanded "
+                            f"(the longest is {stats.longest})")
+    return samples, stats
+
+
+def load_image_processor(model_dir: str | Path, *, trust_remote_code: bool = False):
+    """The model's CLIP image processor with the PIL backend (reference-exact pixels)."""
+    from transformers import AutoImageProcessor
+    try:
+        return AutoImageProcessor.from_pretrained(str(model_dir), backend="pil",
+                                                  trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise MedAlignError(f"{model_dir}: cannot load the image processor ({e})") from None
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Samples -> tensors. Reads the image and (lazily, per process) the teacher cache.
+
+    ``teacher`` is False for plain LoRA fine-tuning: no cache is opened and no teacher keys are
+    returned.
+    """
+
+    def __init__(self, samples: list[Sample], image_root: str | Path, image_processor, *,
+                 image_token_id: int, num_image_tokens: int, cache_path: str | Path | None = None):
+        self.samples = samples
+        self.image_root = Path(image_root)
+        self.processor = image_processor
+        self.image_token_id = int(image_token_id)
+        self.num_image_tokens = int(num_image_tokens)
+        self.cache_path = None if cache_path is None else str(cache_path)
+        self.background = mean_colour(tuple(image_processor.image_mean))
+        self._reader = None  # opened on first read in the process that reads
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_reader"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _teacher(self, row: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        n = self.num_image_tokens
+        if row is None:
+            return torch.zeros(n, n), torch.zeros(n), False
+        if self._reader is None:
+            from shared.cache import open_cache
+            self._reader = open_cache(self.cache_path)
+        sim, attn = self._reader.read(row)
+        return torch.from_numpy(sim), torch.from_numpy(attn), True
+
+    def pixels(self, rel: str) -> torch.Tensor:
+        """[3, S, S] float32 pixel values for a dataset-relative image path."""
+        img, _ = load_image(resolve_image_path(self.image_root, rel))
+        img = expand2square(img, self.background)
+        out = self.processor(images=img, return_tensors="pt")["pixel_values"]
+        return torch.as_tensor(out[0], dtype=torch.float32)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = self.samples[i]
+        item = expand(s.enc, self.image_token_id, self.num_image_tokens)
+        item["pixel_values"] = self.pixels(s.image)
+        if self.cache_path is not None:
+            sim, attn, ok = self._teacher(s.teacher_row)
+            item.update(teacher_sim=sim, teacher_attn=attn, teacher_mask=ok)
+        return item
+
+
+def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of samples into the batch dict ``compute_losses`` consumes.
+
+    ``input_ids`` [B,T] (pad id), ``attention_mask`` [B,T], ``labels`` [B,T] (-100 on padding),
+    ``query_mask`` [B,T] bool, ``pixel_values`` [B,3,S,S]; with a teacher also ``teacher_sim``
+    [B,N,N], ``teacher_attn`` [B,N] float32 and ``teacher_mask`` [B] bool.
+    """
+    b = len(items)
+    t = max(len(it["input_ids"]) for it in items)
+    input_ids = torch.full((b, t), int(pad_id), dtype=torch.long)
+    attention_mask = torch.zeros((b, t), dtype=torch.long)
+    labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
+    query_mask = torch.zeros((b, t), dtype=torch.bool)
+    for k, it in enumerate(items):
+        n = len(it["input_ids"])
+        input_ids[k, :n] = it["input_ids"]
+        attention_mask[k, :n] = 1
+        labels[k, :n] = it["labels"]
+        query_mask[k, :n] = it["query_mask"]
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+             "query_mask": query_mask, "pixel_values": torch.stack([it["pixel_values"] for it in items])}
+    if "teacher_sim" in items[0]:
+        batch["teacher_sim"] = torch.stack([it["teacher_sim"] for it in items]).float()
+        batch["teacher_attn"] = torch.stack([it["teacher_attn"] for it in items]).float()
+        batch["teacher_mask"] = torch.tensor([bool(it["teacher_mask"]) for it in items], dtype=torch.bool)
+    return batch
+
+
+class Collator:
+    """Picklable collate_fn bound to a pad id (DataLoader workers need a picklable callable)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = int(pad_id)
+
+    def __call__(self, items):
+        return collate(items, self.pad_id)
+
+
+class RankSampler(torch.utils.data.Sampler[int]):
+    """Deterministic per-epoch order, sliced per rank (DistributedSampler semantics) with a start offset.
+
+    Epoch ``e`` shuffles ``range(n)`` with seed ``seed + e``; the order is padded by wrapping around
+    to a multiple of ``world_size`` (every rank gets the same number of samples, so no rank waits on
+    another) and rank ``r`` takes positions ``r, r + W, ...``. ``skip`` drops the first indices of
+    this rank's slice (resuming mid-epoch).
+    """
+
+    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    @property
+    def per_rank(self) -> int:
+        return -(-self.n // self.world_size)
+
+    def order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.per_rank * self.world_size
+        while len(order) < total:
+            order += order[: total - len(order)]
+        return order[self.rank:total:self.world_size]
+
+    def __iter__(self):
+        return iter(self.order()[self.skip:])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.skip
