@@ -59,7 +59,7 @@ def convert(fmt: str, input_path: str, out_dir: str, image_root: str | None, pro
 @click.option("--dtype", default="keep", show_default=True,
               type=click.Choice(["keep", "float32", "float16", "bfloat16"]),
               help="Output dtype; 'keep' uses the source embedding's dtype.")
-@click.option("--max-shard-size", default=5.0, show_default=True, type=click.FloatRange(min=0.001),
+@click.option("--max-shard-size", default=5.0, show_default=True, type=click.FloatRange(min=1e-6),
               help="Largest output shard, in GB (10^9 bytes).")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty output folder.")
 def convert_model(source_format: str, src: str, out_dir: str, vision_tower: str | None, dtype: str,

@@ -294,7 +294,7 @@ def convert_llava_med(src: str | Path, dst: str | Path, vision_tower: str | Path
     checkpoint's own tower is used and the folder only supplies the config and the image processor.
     ``dtype``: ``keep`` (the dtype of the source embedding) or float32/float16/bfloat16.
     """
-    from transformers import (AutoTokenizer, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration,
+    from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration,
                               MistralConfig)
 
     src, dst = Path(src), Path(dst)
@@ -350,10 +350,7 @@ def convert_llava_med(src: str | Path, dst: str | Path, vision_tower: str | Path
     for name in COPY_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src))
-    except Exception as e:  # noqa: BLE001 - report any tokenizer loading failure cleanly
-        raise MedAlignError(f"{src}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+    tokenizer = _load_tokenizer(dst, src)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         from tokenizers import AddedToken
         tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
@@ -426,6 +423,20 @@ def convert_llava_med(src: str | Path, dst: str | Path, vision_tower: str | Path
                                  vocab_size_after=vocab_after, vision_weights_from=vision_from,
                                  dtype=str(target).replace("torch.", ""), tensors_written=len(planned),
                                  files=files, dropped=dropped)
+
+
+def _load_tokenizer(copied: Path, src: Path):
+    """The tokenizer from the copied files (no llava_mistral config.json there to confuse the
+    auto classes), else from the source folder itself."""
+    from transformers import AutoTokenizer
+
+    errors = []
+    for folder in (copied, src):
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception as e:  # noqa: BLE001 - report any tokenizer loading failure cleanly
+            errors.append(f"{type(e).__name__}: {e}")
+    raise MedAlignError(f"{src}: cannot load the tokenizer ({errors[-1]})")
 
 
 def _resize_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
