@@ -1,0 +1,393 @@
+"""Loading a LLaVA student, preparing it for MedAlign training, the loss step, saving and loading.
+
+Public API (used by the training recipe and by evaluation):
+
+* :class:`AlignConfig`, :class:`LoraSettings`: the typed settings.
+* :func:`load_student` -> ``(model, tokenizer)``; :func:`num_image_tokens`; :func:`num_layers`.
+* :func:`prepare_student`: LoRA on the language model's linear layers only, the projector trainable
+  iff asked (saved with the adapter through PEFT's ``modules_to_save``), the rotation ``W`` and the
+  attention capture installed (only what the loss weights need), everything else frozen.
+* :func:`param_groups`, :func:`enable_gradient_checkpointing`.
+* :func:`compute_losses` -> ``{"loss", "lm_loss", "vis_loss", "att_loss"}``.
+* :func:`save_trained` / :func:`load_trained`: the PEFT adapter (standard format) plus
+  ``rotation.safetensors`` (W, fp32) and ``rotation.json`` (layer, eps).
+
+``alpha = beta = 0`` is plain LoRA fine-tuning: no W, no capture, pure SDPA, no teacher needed.
+With ``alpha > 0`` or ``beta > 0`` the rotation is installed (it is part of the trained model);
+the capture (a custom attention function) only when ``beta > 0``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from shared.errors import MedAlignError
+from student_train import alignment
+from student_train.alignment import get_handles, unwrap
+from student_train.losses import ATT_NORMS, att_loss, vis_loss
+
+ROTATION_WEIGHTS = "rotation.safetensors"
+ROTATION_CONFIG = "rotation.json"
+PROJECTOR = "multi_modal_projector"
+
+
+@dataclass
+class AlignConfig:
+    """MedAlign's alignment settings (DESIGN.md section 1)."""
+
+    layer: int = 20
+    """0-based decoder layer l: W acts on layers[l-1]'s output, L_att reads layers[l]."""
+    alpha: float = 1.0
+    """Weight of L_vis."""
+    beta: float = 0.06
+    """Weight of L_att."""
+    eps: float = 1.0
+    """Rotation scale in X~ = X + eps X W^T."""
+    att_norm: str = "sum"
+    """Normalisation of E_a and M_a before the KL: sum (default) | softmax (paper) | l2 (reference code)."""
+    att_clamp: float = 1e-8
+    """Lower clamp against log 0 in the KL."""
+
+    def __post_init__(self):
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise MedAlignError(f"align layer must be an integer, got {self.layer!r}")
+        if self.layer < 1:
+            raise MedAlignError(f"--align-layer {self.layer} is out of range: it must be >= 1")
+        for name in ("alpha", "beta", "eps", "att_clamp"):
+            v = float(getattr(self, name))
+            if not math.isfinite(v):
+                raise MedAlignError(f"{name} must be finite, got {v}")
+            setattr(self, name, v)
+        if self.alpha < 0 or self.beta < 0:
+            raise MedAlignError(f"alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
+        if self.att_clamp <= 0:
+            raise MedAlignError(f"att_clamp must be > 0, got {self.att_clamp}")
+        if self.att_norm not in ATT_NORMS:
+            raise MedAlignError(f"unknown --att-norm {self.att_norm!r}; valid: {', '.join(ATT_NORMS)}")
+
+    @property
+    def enabled(self) -> bool:
+        """False for plain LoRA fine-tuning (alpha = beta = 0): no W, no capture, no teacher."""
+        return self.alpha > 0 or self.beta > 0
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters (reference: r 32 VQA / 64 reports, alpha 16, dropout 0.05)."""
+
+    r: int = 32
+    """LoRA rank."""
+    alpha: float = 16
+    """lora_alpha (scaling = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+
+    def __post_init__(self):
+        if int(self.r) < 1:
+            raise MedAlignError(f"--lora-r must be >= 1, got {self.r}")
+        if not 0 <= float(self.dropout) < 1:
+            raise MedAlignError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_llava_dir(model_dir: Path, trust_remote_code: bool):
+    from transformers import AutoConfig, LlavaConfig
+
+    if not model_dir.is_dir():
+        raise MedAlignError(f"model directory {model_dir} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise MedAlignError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any load failure is a user-facing problem here
+        raise MedAlignError(f"cannot read the model config in {model_dir}: {e}") from e
+    if not isinstance(config, LlavaConfig):
+        raise MedAlignError(
+            f"{model_dir} is not a LLaVA model (model_type {getattr(config, 'model_type', None)!r}); "
+            "a student must be an HF-format LlavaForConditionalGeneration checkpoint (model_type 'llava')"
+        )
+    return config
+
+
+def load_student(
+    model_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+):
+    """Load an HF-format LLaVA student and its tokenizer.
+
+    Returns:
+        ``(LlavaForConditionalGeneration, tokenizer)``, the model on ``device`` in ``dtype``.
+    Raises:
+        MedAlignError: missing directory, no config, or not a LLaVA model.
+    """
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    model_dir = Path(model_dir)
+    _check_llava_dir(model_dir, trust_remote_code)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        model_dir,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    ).to(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise MedAlignError(f"cannot load the tokenizer of {model_dir}: {e}") from e
+    return model, tokenizer
+
+
+def num_image_tokens(model_or_config) -> int:
+    """N, the number of image tokens per image (24 x 24 = 576 for CLIP ViT-L/14 @336)."""
+    config = unwrap(model_or_config).config if isinstance(model_or_config, nn.Module) else model_or_config
+    vision = config.vision_config
+    n = (vision.image_size // vision.patch_size) ** 2
+    if getattr(config, "vision_feature_select_strategy", "default") == "full":
+        n += 1
+    return n
+
+
+def num_layers(model_or_config) -> int:
+    """Number of decoder layers of the language model."""
+    config = unwrap(model_or_config).config if isinstance(model_or_config, nn.Module) else model_or_config
+    return int(config.text_config.num_hidden_layers)
+
+
+# --------------------------------------------------------------------------- preparing
+
+
+def language_linear_targets(model: nn.Module) -> str:
+    """A PEFT ``target_modules`` regex matching exactly the ``nn.Linear`` layers of the language
+    model (``model.language_model.*``): not the vision tower, not the projector, not ``lm_head``."""
+    base = unwrap(model)
+    names = [
+        name
+        for name, mod in base.named_modules()
+        if isinstance(mod, nn.Linear) and name.startswith("model.language_model.")
+    ]
+    if not names:
+        raise MedAlignError("the student's language model has no linear layers to put LoRA on")
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return r"^model\.language_model\..*\.(" + "|".join(re.escape(s) for s in suffixes) + r")$"
+
+
+def prepare_student(model: nn.Module, lora: LoraSettings, align: AlignConfig, train_projector: bool):
+    """Wrap ``model`` for training: returns a ``PeftModel``.
+
+    LoRA on every linear layer of the language model; the projector trainable iff
+    ``train_projector`` (then saved with the adapter via ``modules_to_save``); if ``align.enabled``
+    the rotation W (fp32 zeros, trainable) on ``layers[l-1]``, and if ``align.beta > 0`` the
+    attention capture at ``layers[l]``. Everything else is frozen.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    alignment.check_layer(align.layer, num_layers(model))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    config = LoraConfig(
+        r=int(lora.r),
+        lora_alpha=lora.alpha,
+        lora_dropout=float(lora.dropout),
+        target_modules=language_linear_targets(model),
+        modules_to_save=[PROJECTOR] if train_projector else None,
+        bias="none",
+    )
+    peft_model = get_peft_model(model, config)
+    if align.enabled:
+        alignment.install(peft_model, align.layer, align.eps, rotation=True, capture=align.beta > 0)
+    for name, p in peft_model.named_parameters():
+        if PROJECTOR in name and not train_projector:
+            p.requires_grad_(False)
+    return peft_model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing of the decoder layers (keeps L_att's gradient; DESIGN.md 4)."""
+    base = unwrap(model)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+
+
+def param_groups(model: nn.Module, lr: float, projector_lr: float) -> list[dict]:
+    """Optimizer groups: LoRA + W at ``lr`` ("name": "lora"), projector at ``projector_lr``
+    ("name": "projector"); only trainable parameters; empty groups dropped."""
+    main, proj = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (proj if PROJECTOR in name else main).append(p)
+    groups = [
+        {"params": main, "lr": lr, "name": "lora"},
+        {"params": proj, "lr": projector_lr, "name": "projector"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+# --------------------------------------------------------------------------- the loss step
+
+
+def compute_losses(model: nn.Module, batch: dict, align: AlignConfig) -> dict[str, torch.Tensor]:
+    """One forward pass and the MedAlign objective ``L = L_LM + alpha L_vis + beta L_att``.
+
+    Args:
+        model: the prepared student (PeftModel, possibly inside DDP: the forward goes through the
+            wrapper).
+        batch: S2's collate output: ``input_ids``/``attention_mask``/``labels`` [B,T],
+            ``pixel_values`` [B,3,S,S], ``query_mask`` [B,T] bool, ``teacher_sim`` [B,N,N],
+            ``teacher_attn`` [B,N], ``teacher_mask`` [B] (teacher keys optional when
+            alpha = beta = 0).
+    Returns:
+        ``loss``, ``lm_loss``, ``vis_loss``, ``att_loss`` (0-dim; vis/att are zeros when their
+        weight is 0 or no sample has a teacher entry, and their extra work is then skipped).
+
+    The capture state set here stays until the next call, so a gradient-checkpointed backward
+    recomputes exactly what the forward computed.
+    """
+    handles = get_handles(model)
+    teacher_mask = batch.get("teacher_mask")
+    any_teacher = teacher_mask is not None and bool(teacher_mask.any())
+    need_vis = align.alpha > 0 and any_teacher
+    need_att = align.beta > 0 and any_teacher
+    if (need_vis or need_att) and handles is None:
+        raise RuntimeError("alpha/beta > 0 but the MedAlign modules are not installed (use prepare_student)")
+    if handles is not None:
+        state = handles.state
+        state.store_rotated = need_vis
+        if need_att and not handles.capture:
+            raise RuntimeError("beta > 0 but the attention capture was not installed (prepare with beta > 0)")
+        state.query_mask = batch["query_mask"].to(torch.bool) if need_att else None
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        labels=batch["labels"],
+        use_cache=False,
+    )
+    lm = out.loss.float()
+    zero = torch.zeros((), dtype=torch.float32, device=lm.device)
+    vis, att = zero, zero
+    bsz = batch["input_ids"].shape[0]
+    if need_vis:
+        rotated = handles.state.rotated
+        n = batch["teacher_sim"].shape[-1]
+        if rotated is None or rotated.shape[0] != bsz * n:
+            got = None if rotated is None else rotated.shape[0]
+            raise MedAlignError(
+                f"the teacher grid has N={n} tokens per image but the batch holds {got} visual rows "
+                f"for {bsz} samples"
+            )
+        vis = vis_loss(rotated.view(bsz, n, -1), batch["teacher_sim"], teacher_mask)
+    if need_att:
+        state = handles.state
+        if state.attn is None:
+            raise RuntimeError("the attention capture did not run (is the capture layer reached?)")
+        att = att_loss(
+            state.attn,
+            batch["teacher_attn"],
+            teacher_mask,
+            mode=align.att_norm,
+            clamp=align.att_clamp,
+            rows=state.attn_rows,
+        )
+    loss = lm + align.alpha * vis + align.beta * att
+    return {"loss": loss, "lm_loss": lm.detach(), "vis_loss": vis.detach(), "att_loss": att.detach()}
+
+
+# --------------------------------------------------------------------------- saving / loading
+
+
+def _peft_model(model: nn.Module) -> nn.Module:
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model
+
+
+def save_trained(model: nn.Module, run_dir: str | Path) -> None:
+    """Write the PEFT adapter (standard format) and, when installed, ``rotation.safetensors`` (W,
+    fp32) with ``rotation.json`` ({"layer", "eps", "hidden_size"}) into ``run_dir``."""
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _peft_model(model).save_pretrained(run_dir)
+    handles = get_handles(model)
+    if handles is not None and handles.rotation is not None:
+        w = handles.rotation.weight.detach().float().cpu().contiguous()
+        save_file({"weight": w}, str(run_dir / ROTATION_WEIGHTS))
+        meta = {"layer": handles.layer, "eps": handles.rotation.eps, "hidden_size": int(w.shape[0])}
+        (run_dir / ROTATION_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_rotation(run_dir: str | Path) -> tuple[torch.Tensor, dict] | None:
+    """``(W [d, d] fp32, {"layer", "eps", ...})`` from ``run_dir``, or None when it has no W."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    if not (run_dir / ROTATION_WEIGHTS).is_file():
+        return None
+    if not (run_dir / ROTATION_CONFIG).is_file():
+        raise MedAlignError(f"{run_dir} has {ROTATION_WEIGHTS} but no {ROTATION_CONFIG}")
+    meta = json.loads((run_dir / ROTATION_CONFIG).read_text())
+    return load_file(str(run_dir / ROTATION_WEIGHTS))["weight"], meta
+
+
+def load_trained(
+    model_dir: str | Path,
+    run_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    merge: bool = True,
+):
+    """Base student + adapter (+ W when the run has one) for inference, in eval mode.
+
+    The rotation is installed without the capture, so it acts on the prefill (the forward that
+    holds the image tokens) and not on single-token decoding steps. With ``merge`` the LoRA
+    weights are merged into the base weights (faster generation).
+    """
+    from peft import PeftModel
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "adapter_config.json").is_file():
+        raise MedAlignError(f"{run_dir} holds no PEFT adapter (adapter_config.json missing)")
+    model, tokenizer = load_student(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(model, run_dir)
+    if merge:
+        model = model.merge_and_unload()
+    rot = load_rotation(run_dir)
+    if rot is not None:
+        w, meta = rot
+        alignment.install(model, int(meta["layer"]), float(meta["eps"]), rotation=True, capture=False, weight=w)
+    model.eval()
+    return model, tokenizer
+
+
+__all__ = [
+    "AlignConfig",
+    "LoraSettings",
+    "load_student",
+    "num_image_tokens",
+    "num_layers",
+    "prepare_student",
+    "param_groups",
+    "enable_gradient_checkpointing",
+    "compute_losses",
+    "save_trained",
+    "load_trained",
+    "load_rotation",
+    "language_linear_targets",
+]
