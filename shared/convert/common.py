@@ -182,7 +182,7 @@ def check_images(splits: dict[str, list[dict]], image_root: str | Path, stats: C
 
 
 def dedupe_ids(splits: dict[str, list[dict]], stats: ConvertStats) -> dict[str, list[dict]]:
-    """Keep the first record of each id across all splits; later duplicates are skipped."""
+    """Keep one record per id: earliest split (train, val, test), then file order; count the rest."""
     seen: set[str] = set()
     out: dict[str, list[dict]] = {}
     for split in sorted(splits, key=_split_rank):

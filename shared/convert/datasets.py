@@ -44,7 +44,8 @@ def convert_dataset(fmt: str, input_path: str | Path, out_dir: str | Path, image
     """Convert ``input_path`` in format ``fmt`` to ``out_dir/{train,test,[val]}.json``.
 
     With ``image_root``, records whose image file is missing there are skipped (counted).
-    Duplicate ids (across all splits) keep their first record. Returns the stats and the files
+    A duplicate id keeps one record: the one in the earliest split (train, val, test), then the
+    first in file order; the others are skipped and counted. Returns the stats and the files
     written (the split files, then ``convert_stats.json``).
     """
     spec = get_format(fmt)
