@@ -239,7 +239,9 @@ def param_groups(model: nn.Module, lr: float, projector_lr: float) -> list[dict]
 # --------------------------------------------------------------------------- the loss step
 
 
-def compute_losses(model: nn.Module, batch: dict, align: AlignConfig) -> dict[str, torch.Tensor]:
+def compute_losses(
+    model: nn.Module, batch: dict, align: AlignConfig, *, detach_parts: bool = True
+) -> dict[str, torch.Tensor]:
     """One forward pass and the MedAlign objective ``L = L_LM + alpha L_vis + beta L_att``.
 
     Args:
@@ -252,6 +254,8 @@ def compute_losses(model: nn.Module, batch: dict, align: AlignConfig) -> dict[st
     Returns:
         ``loss``, ``lm_loss``, ``vis_loss``, ``att_loss`` (0-dim; vis/att are zeros when their
         weight is 0 or no sample has a teacher entry, and their extra work is then skipped).
+        ``lm_loss``/``vis_loss``/``att_loss`` are detached (for logging) unless ``detach_parts``
+        is False; ``loss`` always carries the graph.
 
     The capture state set here stays until the next call, so a gradient-checkpointed backward
     recomputes exactly what the forward computed.
@@ -303,7 +307,9 @@ def compute_losses(model: nn.Module, batch: dict, align: AlignConfig) -> dict[st
             rows=state.attn_rows,
         )
     loss = lm + align.alpha * vis + align.beta * att
-    return {"loss": loss, "lm_loss": lm.detach(), "vis_loss": vis.detach(), "att_loss": att.detach()}
+    if detach_parts:
+        lm, vis, att = lm.detach(), vis.detach(), att.detach()
+    return {"loss": loss, "lm_loss": lm, "vis_loss": vis, "att_loss": att}
 
 
 # --------------------------------------------------------------------------- saving / loading
