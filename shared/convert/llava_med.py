@@ -345,12 +345,8 @@ def convert_llava_med(src: str | Path, dst: str | Path, vision_tower: str | Path
                 plan.append(_Planned(clip, k, new))
         vision_from = str(vdir)
 
-    # Tokenizer: copy the source files, then add <image> and re-save.
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in COPY_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-    tokenizer = _load_tokenizer(dst, src)
+    # Tokenizer: the source's, plus <image> (saved over the copied files at the end).
+    tokenizer = _load_tokenizer(src)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         from tokenizers import AddedToken
         tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
@@ -408,6 +404,11 @@ def convert_llava_med(src: str | Path, dst: str | Path, vision_tower: str | Path
             raise MedAlignError(f"{p.source.folder}: {p.src_key} has shape {list(shape)}, the target "
                                 f"{k} needs {list(want)} (config and weights disagree)")
 
+    # Everything is checked: only now is the output folder touched.
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in COPY_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
     files = _write_shards(planned, expected, target, vocab_after, max_shard_bytes, dst)
 
     config.save_pretrained(str(dst))
@@ -425,17 +426,28 @@ def convert_llava_med(src: str | Path, dst: str | Path, vision_tower: str | Path
                                  files=files, dropped=dropped)
 
 
-def _load_tokenizer(copied: Path, src: Path):
-    """The tokenizer from the copied files (no llava_mistral config.json there to confuse the
-    auto classes), else from the source folder itself."""
+def _load_tokenizer(src: Path):
+    """The source tokenizer, loaded from a copy of its files alone (the llava_mistral config.json
+    next to them only confuses the auto classes), else from the source folder itself."""
+    import importlib.util
+    import tempfile
+
     from transformers import AutoTokenizer
 
+    if (not (src / "tokenizer.json").is_file() and (src / "tokenizer.model").is_file()
+            and importlib.util.find_spec("sentencepiece") is None):
+        raise MedAlignError(f"{src} has a SentencePiece tokenizer.model and no tokenizer.json; transformers 5 "
+                            "needs the 'sentencepiece' package to read it (pip install sentencepiece)")
     errors = []
-    for folder in (copied, src):
-        try:
-            return AutoTokenizer.from_pretrained(str(folder))
-        except Exception as e:  # noqa: BLE001 - report any tokenizer loading failure cleanly
-            errors.append(f"{type(e).__name__}: {e}")
+    with tempfile.TemporaryDirectory(prefix="medalign-tok-") as tmp:
+        for name in COPY_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, Path(tmp) / name)
+        for folder in (tmp, str(src)):
+            try:
+                return AutoTokenizer.from_pretrained(folder)
+            except Exception as e:  # noqa: BLE001 - report any tokenizer loading failure cleanly
+                errors.append(f"{type(e).__name__}: {e}")
     raise MedAlignError(f"{src}: cannot load the tokenizer ({errors[-1]})")
 
 

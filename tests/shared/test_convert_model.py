@@ -316,3 +316,18 @@ def test_weights_disagreeing_with_config_are_refused(tmp_path):
     r = CliRunner().invoke(main, ["convert-model", "--from", "llava-med", str(src), "--out", str(tmp_path / "o"),
                                   "--vision-tower", str(clip)])
     assert r.exit_code == 2 and "mlp." in r.output and "disagree" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_sentencepiece_tokenizer_without_the_package_is_a_clean_error(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("sentencepiece") is not None:
+        pytest.skip("sentencepiece is installed")
+    src, clip, _, _ = write_checkpoint(tmp_path, "clip-dir")
+    (src / "tokenizer.json").unlink()
+    (src / "tokenizer.model").write_bytes(b"\x0a\x00")
+    r = CliRunner().invoke(main, ["convert-model", "--from", "llava-med", str(src), "--out", str(tmp_path / "o"),
+                                  "--vision-tower", str(clip)])
+    assert r.exit_code == 2 and "pip install sentencepiece" in r.output
+    assert not (tmp_path / "o").exists()  # nothing written before every check passed
