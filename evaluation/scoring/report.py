@@ -9,7 +9,11 @@
   ``--nltk-data DIR`` first, then ``$NLTK_DATA`` and nltk's default folders
   (``~/nltk_data``, ``<venv>/nltk_data``, ``/usr/share/nltk_data``, ...). When it is absent,
   ``meteor`` is ``null`` with a note saying how to provide it; the other metrics are still
-  computed (no PyPI package ships the corpus in nltk's format).
+  computed (no PyPI package ships the corpus in nltk's format). Offline fallback: Debian/Ubuntu's
+  ``wordnet-base`` + ``wordnet-sense-index`` packages install the same WordNet 3.0 database in
+  ``/usr/share/wordnet``; when present it is copied once into nltk's layout under
+  ``$XDG_CACHE_HOME/medalign/nltk_data`` (default ``~/.cache/...``; nltk refuses symlinks out of
+  its data folders) with the standard 45-line ``lexnames`` file that Debian does not ship.
 * ``bertscore_f1``: see :mod:`evaluation.scoring.bertscore`; ``null`` with a note unless a
   local model directory is given.
 
@@ -19,7 +23,10 @@ All values in percent. A missing prediction is scored as the empty report.
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -64,10 +71,78 @@ def rouge_l(references: list[str], hypotheses: list[str]) -> list[float]:
     return [scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(references, hypotheses)]
 
 
-def find_wordnet(nltk_data: str | Path | None = None):
-    """Return nltk's WordNet reader, or None when the corpus is not installed anywhere nltk looks.
+SYSTEM_WORDNET_DIRS: tuple[Path, ...] = (Path("/usr/share/wordnet"),)
+"""Where Debian/Ubuntu's ``wordnet-base`` and ``wordnet-sense-index`` put the WordNet 3.0 files."""
+_WORDNET_FILES = ("cntlist.rev", "index.sense", "index.adj", "index.adv", "index.noun",
+                  "index.verb", "data.adj", "data.adv", "data.noun", "data.verb", "adj.exc",
+                  "adv.exc", "noun.exc", "verb.exc")
+_LEXNAMES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute "
+    "noun.body noun.cognition noun.communication noun.event noun.feeling noun.food noun.group "
+    "noun.location noun.motive noun.object noun.person noun.phenomenon noun.plant "
+    "noun.possession noun.process noun.quantity noun.relation noun.shape noun.state "
+    "noun.substance noun.time verb.body verb.change verb.cognition verb.communication "
+    "verb.competition verb.consumption verb.contact verb.creation verb.emotion verb.motion "
+    "verb.perception verb.possession verb.social verb.stative verb.weather adj.ppl").split()
+_LEX_POS = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
 
-    ``nltk_data``, when given, must be an existing folder; it is searched first.
+
+def default_wordnet_cache() -> Path:
+    """``$XDG_CACHE_HOME/medalign/nltk_data`` (``~/.cache/medalign/nltk_data`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "medalign" / "nltk_data"
+
+
+def system_wordnet_as_nltk_data(cache_root: Path | None = None,
+                                sources: tuple[Path, ...] | None = None) -> Path | None:
+    """Copy a system WordNet 3.0 database into nltk's layout (``ROOT/corpora/wordnet``), once.
+
+    Returns the nltk data root to search, or None when no source folder holds every file nltk
+    needs. The copy is made in a temporary folder and renamed into place, so an interrupted
+    copy is never used.
+    """
+    sources = SYSTEM_WORDNET_DIRS if sources is None else sources
+    src = next((d for d in sources if all((d / f).is_file() for f in _WORDNET_FILES)), None)
+    if src is None:
+        return None
+    root = Path(cache_root) if cache_root is not None else default_wordnet_cache()
+    dest = root / "corpora" / "wordnet"
+    if (dest / "lexnames").is_file():
+        return root
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".wordnet-", dir=dest.parent))
+        for f in _WORDNET_FILES:
+            shutil.copyfile(src / f, tmp / f)
+        (tmp / "lexnames").write_text("".join(
+            f"{i:02d}\t{name}\t{_LEX_POS[name.split('.')[0]]}\n" for i, name in enumerate(_LEXNAMES)))
+        (tmp / "SOURCE.txt").write_text(f"WordNet 3.0 database copied from {src}\n")
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        return None
+    return root if (dest / "lexnames").is_file() else None
+
+
+def _nltk_has_wordnet() -> bool:
+    import nltk
+
+    for resource in ("corpora/wordnet.zip", "corpora/wordnet"):
+        try:
+            nltk.data.find(resource)
+            return True
+        except LookupError:
+            continue
+    return False
+
+
+def find_wordnet(nltk_data: str | Path | None = None, *, system_fallback: bool = True):
+    """Return nltk's WordNet reader, or None when the corpus is not found.
+
+    Search order: ``nltk_data`` (must be an existing folder), ``$NLTK_DATA`` and nltk's default
+    folders, then (``system_fallback``) a system copy, see :func:`system_wordnet_as_nltk_data`.
     """
     import nltk
 
@@ -77,14 +152,14 @@ def find_wordnet(nltk_data: str | Path | None = None):
             raise MedAlignError(f"--nltk-data: not a directory: {d}")
         if str(d) not in nltk.data.path:
             nltk.data.path.insert(0, str(d))
-    for resource in ("corpora/wordnet.zip", "corpora/wordnet"):
-        try:
-            nltk.data.find(resource)
-            break
-        except LookupError:
-            continue
-    else:
-        return None
+    if not _nltk_has_wordnet():
+        root = system_wordnet_as_nltk_data() if system_fallback else None
+        if root is None:
+            return None
+        if str(root) not in nltk.data.path:
+            nltk.data.path.append(str(root))
+        if not _nltk_has_wordnet():
+            return None
     from nltk.corpus import wordnet
 
     try:
@@ -126,6 +201,8 @@ def score_reports(joined: Joined, *, nltk_data: str | Path | None = None,
         notes.append("meteor not computed: the NLTK WordNet corpus was not found; " + WORDNET_HELP)
     else:
         res["meteor"] = 100 * math.fsum(meteor(refs_tok, hyps_tok, wn)) / len(refs_tok)
+        if getattr(wn, "root", None) is not None:
+            out["meteor_wordnet"] = str(wn.root)
     if bertscore_cfg is None:
         notes.append("bertscore_f1 not computed: pass --bertscore-model DIR (a local encoder "
                      "directory, e.g. a saved roberta-large or a biomedical BERT)")

@@ -71,7 +71,10 @@ def test_malformed_jsonl_is_a_clean_error(tmp_path, vqa_files):
 def test_score_report_task_without_wordnet_or_bertscore(tmp_path, monkeypatch):
     import nltk
 
+    from evaluation.scoring import report
+
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    monkeypatch.setattr(report, "SYSTEM_WORDNET_DIRS", ())
     gt = tmp_path / "reports.json"
     gt.write_text(json.dumps([rec("a", "The heart is normal. Lungs are clear.", None)]))
     pred = tmp_path / "pred.jsonl"
@@ -126,3 +129,31 @@ def test_compare_errors(tmp_path):
     junk.write_text("[1, 2]")
     r = CliRunner().invoke(main, ["compare", str(junk)])
     assert r.exit_code == 2 and "not a metrics file" in r.stderr
+
+
+def test_score_report_with_bertscore_model(tmp_path, monkeypatch):
+    import nltk
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from evaluation.scoring import report
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    monkeypatch.setattr(report, "SYSTEM_WORDNET_DIRS", ())
+    words = "[PAD] [UNK] [CLS] [SEP] [MASK] the heart is normal lungs are clear".split()
+    model_dir = tmp_path / "bert"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16, max_position_embeddings=32)).save_pretrained(model_dir)
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(model_dir)
+    gt = tmp_path / "reports.json"
+    gt.write_text(json.dumps([rec(1, "The heart is normal.", None), rec(2, "Lungs are clear.", None)]))
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text(json.dumps({"question_id": 1, "text": "the heart is normal"}) + "\n"
+                    + json.dumps({"question_id": 2, "text": "lungs are clear"}) + "\n")
+    r = CliRunner().invoke(main, ["score", "--pred", str(pred), "--gt", str(gt), "--task", "report",
+                                  "--bertscore-model", str(model_dir), "--bertscore-layer", "1"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m["report"]["bertscore_f1"] == pytest.approx(100.0, abs=1e-4)  # identical token sequences
+    assert m["bertscore"]["layer"] == 1 and m["bertscore"]["idf"] is False

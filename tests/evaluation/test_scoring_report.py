@@ -7,6 +7,7 @@ import torch
 
 from evaluation.scoring.bertscore import BertScoreConfig, bertscore
 from evaluation.scoring.join import Prediction, join_by_id
+from evaluation.scoring import report
 from evaluation.scoring.report import corpus_bleu_n, find_wordnet, meteor, rouge_l, score_reports, tokenize
 from shared.errors import MedAlignError
 
@@ -58,6 +59,7 @@ def test_missing_wordnet_gives_null_meteor_and_a_note(tmp_path, monkeypatch):
     import nltk
 
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    monkeypatch.setattr(report, "SYSTEM_WORDNET_DIRS", ())
     assert find_wordnet(None) is None
     res = score_reports(joined_reports([("the heart is normal", "the heart is normal")]))
     assert res["report"]["meteor"] is None
@@ -65,6 +67,38 @@ def test_missing_wordnet_gives_null_meteor_and_a_note(tmp_path, monkeypatch):
     assert res["report"]["bleu_1"] == pytest.approx(100.0)
     assert res["report"]["rouge_l"] == pytest.approx(100.0)
     assert res["report"]["bertscore_f1"] is None
+
+
+def test_system_wordnet_is_copied_into_nltk_layout(tmp_path):
+    src = tmp_path / "usr_share_wordnet"
+    src.mkdir()
+    for f in report._WORDNET_FILES:
+        (src / f).write_text(f"content of {f}\n")
+    assert report.system_wordnet_as_nltk_data(tmp_path / "none", sources=(tmp_path / "empty",)) is None
+    root = report.system_wordnet_as_nltk_data(tmp_path / "cache", sources=(src,))
+    dest = root / "corpora" / "wordnet"
+    assert (dest / "data.noun").read_text() == "content of data.noun\n"
+    lex = (dest / "lexnames").read_text().splitlines()
+    assert len(lex) == 45
+    assert lex[0] == "00\tadj.all\t3" and lex[3] == "03\tnoun.Tops\t1" and lex[44] == "44\tadj.ppl\t3"
+    (src / "data.noun").write_text("changed")
+    assert report.system_wordnet_as_nltk_data(tmp_path / "cache", sources=(src,)) == root  # reused
+    assert (dest / "data.noun").read_text() == "content of data.noun\n"
+
+
+@pytest.mark.skipif(not all((d / "index.sense").is_file() for d in report.SYSTEM_WORDNET_DIRS),
+                    reason="system WordNet (Debian wordnet-base + wordnet-sense-index) not installed")
+def test_meteor_with_real_wordnet_matches_synonyms(tmp_path, monkeypatch):
+    import nltk
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "empty")])
+    wn = find_wordnet(None)
+    assert wn is not None
+    ref, hyp = [["the", "patient", "is", "ill"]], [["the", "patient", "is", "sick"]]
+    # nltk matches synonyms after stemming; "sick"/"ill" survive the Porter stemmer
+    assert meteor(ref, hyp, wn) == [pytest.approx(1 - 0.5 * 0.25 ** 3)]      # 4 matches, 1 chunk
+    assert meteor(ref, hyp, NoSynonyms()) == [pytest.approx(0.75 * (1 - 0.5 / 27))]  # 3 matches
 
 
 def test_nltk_data_must_be_a_directory(tmp_path):
