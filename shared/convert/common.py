@@ -200,7 +200,8 @@ def dedupe_ids(splits: dict[str, list[dict]], stats: ConvertStats) -> dict[str, 
 
 def write_splits(out_dir: str | Path, splits: dict[str, list[dict]], stats: ConvertStats) -> list[Path]:
     """Write ``<split>.json`` for every split (``train`` and ``test`` always, even when empty),
-    plus ``convert_stats.json``; counts ``kept`` in ``stats``. Files are replaced atomically."""
+    plus ``convert_stats.json``; counts ``kept`` in ``stats``. Files are replaced atomically and a
+    ``val.json`` from an earlier run is removed when this source has no val split."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -210,6 +211,9 @@ def write_splits(out_dir: str | Path, splits: dict[str, list[dict]], stats: Conv
         for rec in recs:
             stats.keep(split, rec)
         written.append(_write_json_atomic(out / f"{split}.json", recs))
+    for split in SPLIT_ORDER:  # a split file left by an earlier conversion would be mistaken for ours
+        if split not in names and (out / f"{split}.json").is_file():
+            (out / f"{split}.json").unlink()
     written.append(_write_json_atomic(out / "convert_stats.json", stats.to_json()))
     return written
 

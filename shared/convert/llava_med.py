@@ -406,6 +406,8 @@ def convert_llava_med(src: str | Path, dst: str | Path, vision_tower: str | Path
 
     # Everything is checked: only now is the output folder touched.
     dst.mkdir(parents=True, exist_ok=True)
+    for stale in [*dst.glob("model*.safetensors"), dst / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)  # --overwrite: shards of an earlier conversion must not linger
     for name in COPY_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)

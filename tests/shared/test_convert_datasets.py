@@ -193,6 +193,10 @@ def test_slake_english_rows_and_three_splits(tmp_path):
     assert answer_type(train[1]) == "CLOSED"
     assert test[0]["conversations"][1]["value"] == "7" and test[0]["answer_type"] == "CLOSED"
     assert stats(out)["skipped"] == {"q_lang is 'zh', not 'en'": 2, "no image": 1}
+    # converting a source without a val split into the same folder removes the stale val.json
+    (folder / "validation.json").unlink()
+    assert run_convert("slake", folder, out).exit_code == 0
+    assert not (out / "val.json").exists() and len(load(out, "train")) == 2
 
 
 # --- PathVQA ------------------------------------------------------------------------------------

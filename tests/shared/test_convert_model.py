@@ -331,3 +331,20 @@ def test_sentencepiece_tokenizer_without_the_package_is_a_clean_error(tmp_path):
                                   "--vision-tower", str(clip)])
     assert r.exit_code == 2 and "pip install sentencepiece" in r.output
     assert not (tmp_path / "o").exists()  # nothing written before every check passed
+
+
+def test_overwrite_replaces_earlier_shards(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    src, clip, original, _ = write_checkpoint(tmp_path, "clip-dir")
+    out = tmp_path / "hf"
+    base = ["convert-model", "--from", "llava-med", str(src), "--out", str(out), "--vision-tower", str(clip)]
+    assert CliRunner().invoke(main, base + ["--max-shard-size", "0.00003"]).exit_code == 0
+    assert (out / "model.safetensors.index.json").is_file()
+    r = CliRunner().invoke(main, base + ["--overwrite", "--dtype", "bfloat16"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    model = LlavaForConditionalGeneration.from_pretrained(str(out))
+    w = model.model.multi_modal_projector.linear_1.weight
+    assert w.dtype == torch.bfloat16
+    torch.testing.assert_close(w.float(), original["model.mm_projector.0.weight"].bfloat16().float(), rtol=0, atol=0)
