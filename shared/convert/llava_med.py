@@ -389,8 +389,9 @@ def convert_llava_med(src: str | Path, dst: str | Path, vision_tower: str | Path
             raise MedAlignError(f"{p.source.folder}: tensor {p.src_key} maps to {p.dst_key}, "
                                 "which the target model does not have")
         planned[p.dst_key] = p
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings:  # the lm_head is the embedding: never written separately
         expected.pop("lm_head.weight", None)
+        planned.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(planned))
     if missing:
         raise MedAlignError(f"{len(missing)} weight(s) of the target model have no source, e.g. "
