@@ -147,7 +147,7 @@ def test_score_report_with_bertscore_model(tmp_path, monkeypatch):
                          intermediate_size=16, max_position_embeddings=32)).save_pretrained(model_dir)
     BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(model_dir)
     gt = tmp_path / "reports.json"
-    gt.write_text(json.dumps([rec(1, "The heart is normal.", None), rec(2, "Lungs are clear.", None)]))
+    gt.write_text(json.dumps([rec(1, "The heart is normal", None), rec(2, "Lungs are clear", None)]))
     pred = tmp_path / "pred.jsonl"
     pred.write_text(json.dumps({"question_id": 1, "text": "the heart is normal"}) + "\n"
                     + json.dumps({"question_id": 2, "text": "lungs are clear"}) + "\n")
@@ -155,5 +155,5 @@ def test_score_report_with_bertscore_model(tmp_path, monkeypatch):
                                   "--bertscore-model", str(model_dir), "--bertscore-layer", "1"])
     assert r.exit_code == 0, r.output
     m = json.loads(r.stdout)
-    assert m["report"]["bertscore_f1"] == pytest.approx(100.0, abs=1e-4)  # identical token sequences
+    assert m["report"]["bertscore_f1"] == pytest.approx(100.0, abs=1e-4)  # same tokens after lower-casing
     assert m["bertscore"]["layer"] == 1 and m["bertscore"]["idf"] is False
