@@ -53,11 +53,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.records import answer_text, answer_type, first_turn
+from shared.records import answer_text, answer_type, first_turn, record_id
 
 from evaluation.scoring.join import Joined, normalize_id
 from evaluation.scoring.normalize import normalize_answer, normalize_word, word_counts
-from shared.records import record_id
 
 BLEU_WEIGHTS: dict[str, tuple[float, ...]] = {
     "bleu_score": (0.25, 0.25, 0.25, 0.25),
