@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_helpers import tiny_student, write_images, write_records, write_teacher_cache
+from train_helpers import write_images, write_records, write_teacher_cache
 
 from shared.errors import MedAlignError
 from student_train.data import (IGNORE_INDEX, Collator, RankSampler, TrainDataset, build_samples, collate,
@@ -20,9 +20,9 @@ from student_train.templates import get_template
 N = 16  # tiny students: 32 px / 8 px patches -> 4 x 4
 
 
-def _student(tmp_path_factory, backbone):
+def _student(dirs, backbone):
     from transformers import AutoTokenizer
-    path = tiny_student(tmp_path_factory, backbone)
+    path = dirs[backbone]
     tok = AutoTokenizer.from_pretrained(path)
     cfg = json.loads((path / "config.json").read_text())
     image_id = cfg.get("image_token_id", cfg.get("image_token_index"))
@@ -30,13 +30,13 @@ def _student(tmp_path_factory, backbone):
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
-def any_student(request, tmp_path_factory):
-    return _student(tmp_path_factory, request.param)
+def any_student(request, tiny_student_dirs):
+    return _student(tiny_student_dirs, request.param)
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    return _student(tmp_path_factory, "llama")
+def student(tiny_student_dirs):
+    return _student(tiny_student_dirs, "llama")
 
 
 def llava_tokenizer_image_token(tokenizer, prompt, image_token_id):

@@ -1,12 +1,11 @@
-"""Builders for student_train recipe tests: tiny students, image folders, datasets and caches.
+"""Builders for student_train recipe tests: image folders, datasets and teacher caches.
 
-Tiny students are built once per backbone per test session and reused (building one takes seconds).
+(Tiny students come from the ``tiny_student_dirs`` fixtures in ``conftest.py``.)
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +13,6 @@ from PIL import Image
 
 from shared.cache import write_cache
 from shared.images import sha256_file
-
-_STUDENTS: dict[tuple, Path] = {}
-_ROOT: list[Path] = []
-
-
-def tiny_student(tmp_path_factory, backbone: str = "llama", **kw) -> Path:
-    """A saved tiny LLaVA student (grid 4x4 = 16 image tokens, 4 layers by default), cached per session."""
-    from student_train.tiny import save_tiny_llava
-
-    key = (backbone, tuple(sorted(kw.items())))
-    if key not in _STUDENTS:
-        out = tmp_path_factory.mktemp(f"student-{backbone}")
-        _STUDENTS[key] = save_tiny_llava(out, backbone, **kw)
-    return _STUDENTS[key]
-
 
 def write_images(root: Path, n: int, seed: int = 0) -> list[str]:
     """``n`` small RGB images of varied (mostly non-square) sizes; returns their relative paths."""
@@ -83,7 +67,3 @@ def write_teacher_cache(out: Path, image_root: Path, images: list[str], grid: in
     write_cache(out, sims, attns, keys, index)
     return out, {p: (sims[r], attns[r]) for r, p in enumerate(kept)}
 
-
-def copy_tree(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
