@@ -27,6 +27,7 @@ never built, so BiomedCLIP's BiomedBERT is never looked up on a hub. Weights are
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from dataclasses import dataclass, replace
@@ -244,15 +245,19 @@ def _load_strict(visual: nn.Module, state: dict[str, Tensor], path: Path, expert
         raise MedAlignError(
             f"{path}: checkpoint does not match the image tower of expert {expert} ({arch}): "
             f"{len(bad)} shape mismatches (checkpoint vs model): {few(bad)}")
-    visual.load_state_dict(state, strict=True)
+    visual.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in (*visual.named_parameters(), *visual.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"expert {expert}: tensors not initialised by the checkpoint: {left[:5]}")
 
 
 # ----------------------------------------------------------------------------------------------
 # building the image tower
 # ----------------------------------------------------------------------------------------------
 
-def _build_visual(model_cfg: dict, quick_gelu: bool) -> nn.Module:
-    """The open_clip image tower alone, randomly initialised, never touching a hub."""
+def _build_visual(model_cfg: dict, quick_gelu: bool, meta: bool = False) -> nn.Module:
+    """The open_clip image tower alone, never touching a hub: randomly initialised, or with
+    ``meta=True`` parameters on the meta device (no init cost; load with ``assign=True``)."""
     try:
         from open_clip.model import _build_vision_tower
     except ImportError as e:
@@ -264,7 +269,8 @@ def _build_visual(model_cfg: dict, quick_gelu: bool) -> nn.Module:
     vision_cfg = dict(model_cfg["vision_cfg"])
     vision_cfg["timm_model_pretrained"] = False  # never download timm weights
     try:
-        return _build_vision_tower(int(model_cfg["embed_dim"]), vision_cfg, quick_gelu=quick_gelu, cast_dtype=None)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return _build_vision_tower(int(model_cfg["embed_dim"]), vision_cfg, quick_gelu=quick_gelu, cast_dtype=None)
     except (TypeError, ValueError, RuntimeError, AssertionError) as e:
         raise MedAlignError(f"cannot build the image tower from vision config {vision_cfg}: {e}") from None
 
@@ -609,13 +615,14 @@ def load_expert(expert: str | ExpertSpec, weights: str | Path, *, device: str | 
         arch = f"{cfg_path}"
         state = _visual_state_dict(_torch_load(weights_path), weights_path, spec.name)
 
-    visual = _build_visual(cfg, quick_gelu)
+    visual = _build_visual(cfg, quick_gelu, meta=True)  # every tensor comes from the checkpoint
     tower = _make_tower(visual)  # validates the tower type before the (slow) weight copy
     cfg_size = cfg["vision_cfg"].get("image_size", tower.image_size)
     if isinstance(cfg_size, (list, tuple)):
         cfg_size = cfg_size[0]
     if int(cfg_size) != tower.image_size:
         raise MedAlignError(f"expert {spec.name}: config image_size {cfg_size} but the tower takes {tower.image_size}")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     _load_strict(visual, state, weights_path, spec.name, arch or spec.name)
     del state
     visual.eval().requires_grad_(False)

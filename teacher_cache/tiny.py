@@ -10,8 +10,8 @@ The builders write exactly what the real downloads look like, so the real loadin
   ``open_clip_config.json`` (BiomedCLIP's layout, text tower config included but never built) and
   ``open_clip_pytorch_model.bin``; it loads with ``load_expert("biomedclip", dir)``.
 
-Every parameter is perturbed from its initial value (biases, norms, embeddings included) so a
-test cannot pass by accident on zeros and ones, and query/key projections are scaled up so the
+Biases and norm weights are perturbed from their constant initial values so a test cannot pass
+by accident on zeros and ones, and query/key projections are scaled up so the
 attention is far from uniform.
 """
 
@@ -64,12 +64,41 @@ TINY_BIOMEDCLIP_PREPROCESS = {"mean": [0.5, 0.45, 0.4], "std": [0.3, 0.25, 0.2]}
 
 
 def _perturb(module: nn.Module, seed: int, scale: float = 0.1) -> None:
-    """Move every parameter off its init: 1-d ones (biases, norms, embeddings) by ``scale`` * N(0, 1)."""
+    """Move the constant-initialised parameters (biases, norm weights: 1-d) off their init by
+    ``scale`` * N(0, 1); weight matrices and embeddings are already random."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-            p.add_(noise * (scale if p.ndim <= 1 else scale * p.std().clamp_min(1e-3).item()))
+            if p.ndim <= 1:
+                p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def _random_init_fast(module: nn.Module, seed: int) -> None:
+    """Fill a meta-built tower with random values quickly (full-size builders: timm's own init of a
+    ViT-B takes seconds): matrices N(0, 1/fan_in), norm weights 1 + noise, other vectors noise."""
+    module.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel() if p.shape[0] > 1 else p.shape[-1]
+                p.copy_(torch.randn(p.shape, generator=gen) * fan_in ** -0.5)
+            elif name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def _random_visual(model_cfg: dict, quick_gelu: bool, seed: int, fast: bool) -> nn.Module:
+    if fast:
+        visual = _build_visual(model_cfg, quick_gelu=quick_gelu, meta=True)
+        _random_init_fast(visual, seed)
+    else:
+        torch.manual_seed(seed)
+        visual = _build_visual(model_cfg, quick_gelu=quick_gelu)
+        _perturb(visual, seed)
+    _sharpen_attention(visual)
+    return visual
 
 
 def _sharpen_attention(module: nn.Module, factor: float = 3.0) -> None:
@@ -104,12 +133,9 @@ def save_random_unimed(path: str | Path, name: str = "unimed-b", model_cfg: dict
     import open_clip
     spec = get_expert(name)
     cfg = copy.deepcopy(model_cfg if model_cfg is not None else open_clip.get_model_config(spec.arch))
-    torch.manual_seed(seed)
-    visual = _build_visual(cfg, quick_gelu=spec.quick_gelu)
-    _perturb(visual, seed)
-    _sharpen_attention(visual)
+    visual = _random_visual(cfg, spec.quick_gelu, seed, fast=model_cfg is None)
     gen = torch.Generator().manual_seed(seed + 1)
-    state = {f"module.visual.{k}": v.detach().clone() for k, v in visual.state_dict().items()}
+    state = {f"module.visual.{k}": v for k, v in visual.state_dict().items()}
     state.update({f"module.{k}": v for k, v in _text_keys(gen, 16).items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,15 +154,13 @@ def save_tiny_unimed(path: str | Path, arch: str = "b", seed: int = 0) -> dict:
 def save_random_biomedclip(directory: str | Path, model_cfg: dict | None = None,
                            preprocess_cfg: dict | None = None, seed: int = 0) -> Path:
     """Write a random-weight BiomedCLIP-style open_clip directory; full size unless ``model_cfg``."""
-    model_cfg = copy.deepcopy(model_cfg if model_cfg is not None else BIOMEDCLIP_MODEL_CFG)
     preprocess_cfg = preprocess_cfg if preprocess_cfg is not None else {"mean": list(OPENAI_MEAN),
                                                                          "std": list(OPENAI_STD)}
-    torch.manual_seed(seed)
-    visual = _build_visual(model_cfg, quick_gelu=bool(model_cfg.get("quick_gelu", False)))
-    _perturb(visual, seed)
-    _sharpen_attention(visual)
+    full_size = model_cfg is None
+    model_cfg = copy.deepcopy(model_cfg if model_cfg is not None else BIOMEDCLIP_MODEL_CFG)
+    visual = _random_visual(model_cfg, bool(model_cfg.get("quick_gelu", False)), seed, fast=full_size)
     gen = torch.Generator().manual_seed(seed + 1)
-    state = {f"visual.{k}": v.detach().clone() for k, v in visual.state_dict().items()}
+    state = {f"visual.{k}": v for k, v in visual.state_dict().items()}
     state.update(_text_keys(gen, 16))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
