@@ -184,18 +184,21 @@ def write_cache(out: str | Path, sims: np.ndarray, attns: np.ndarray, keys: list
                 expert: str = "test", format: str = "zarr", dtype: str = "float16",
                 shard_size: int = DEFAULT_SHARD_SIZE, patch_grid: int | None = None,
                 geometry: str = "pad") -> Path:
-    """Write a cache straight from arrays: ``sims`` (R, N, N), ``attns`` (R, N). For tests and tools."""
-    sims, attns = np.asarray(sims, np.float32), np.asarray(attns, np.float32)
+    """Write a cache straight from arrays: ``sims`` (R, N, N), ``attns`` (R, N). For tests and tools.
+
+    ``sims`` only needs ``.shape`` and row slicing, so a lazy or memory-mapped array works.
+    """
+    attns = np.asarray(attns, np.float32)
     rows, n = attns.shape
     grid = int(round(n ** 0.5))
-    if grid * grid != n or sims.shape != (rows, n, n) or len(keys) != rows:
+    if grid * grid != n or tuple(sims.shape) != (rows, n, n) or len(keys) != rows:
         raise ValueError(f"inconsistent shapes: sims {sims.shape}, attns {attns.shape}, {len(keys)} keys")
     identity = {"expert": expert, "weights_sha256": "0" * 64, "grid": grid, "geometry": geometry, "token_mode": "raw"}
     writer = CacheWriter(out, identity=identity, keys=keys, index=index, num_tokens=n, storage=format,
                          sim_dtype=dtype, shard_size=shard_size)
     for s in writer.pending_shards():
         r = writer.shard_rows(s)
-        writer.write_shard(s, sims[r.start:r.stop], attns[r.start:r.stop])
+        writer.write_shard(s, np.asarray(sims[r.start:r.stop], np.float32), attns[r.start:r.stop])
     writer.finalize(expert=expert, arch="synthetic", weights_sha256="0" * 64, token_mode="raw",
                     preprocessing={"image_size": 0, "mean": [0, 0, 0], "std": [1, 1, 1], "geometry": geometry,
                                    "interpolation": "bicubic"},

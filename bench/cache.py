@@ -1,0 +1,193 @@
+"""Benchmark: the teacher-cache build and store against the reference's way.
+
+In one run, on the same images and the same expert (random weights, real architecture):
+
+* reference loop: batch 1, per-image preprocessing in the main process, fp32, every full N x N
+  float32 matrix kept in one dict and pickled at the end (what the published notebooks do);
+* ours: ``build_cache`` (batched, DataLoader workers, packed float16 / int8 triangles, sharded zarr).
+
+Reports build images/s (ratio), bytes per image (ratio) and max abs error of each encoding against
+the reference's float32 matrices, single-process random reads/s, and reader RSS at 1k vs 10k rows.
+
+    python bench/cache.py                     # CPU, ViT-B/16 (unimed-b) at full size
+    python bench/cache.py --device cuda --arch l --count 512 --skip-store   # GPU, ViT-L/14-336
+
+The pickle below exists only to measure the reference's file size: it is written, never loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle  # noqa: S403 - baseline size measurement only (dumps, never loads)
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from shared.cache import open_cache, write_cache  # noqa: E402
+from shared.images import load_image  # noqa: E402
+from teacher_cache.build import BuildConfig, build_cache  # noqa: E402
+from teacher_cache.demo import make_dataset  # noqa: E402
+from teacher_cache.experts import load_expert  # noqa: E402
+from teacher_cache.signals import teacher_signals  # noqa: E402
+from teacher_cache.tiny import save_random_unimed  # noqa: E402
+
+
+def _images(args, work: Path) -> tuple[Path, list[str]]:
+    real = REPO.parent / "shared" / "data" / "vqa-rad" / "images"
+    if args.images:
+        root = Path(args.images)
+    elif real.is_dir():
+        root = real
+    else:  # synthetic 512 x 512 'scans' (the device machine has no ../shared)
+        from PIL import Image
+        root = work / "images"
+        root.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(args.count):
+            arr = (rng.random((384 + 16 * (i % 8), 512)) * 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / f"img{i:04d}.jpg", quality=90)
+    names = sorted(p.name for p in root.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    return root, names[: args.count]
+
+
+def reference_loop(expert, root: Path, names: list[str], grid: int, device: str) -> tuple[float, dict]:
+    """Batch 1, per-image preprocessing, fp32, full float32 matrices in a dict."""
+    out = {}
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for name in names:
+        img, _ = load_image(root / name)
+        pixels = torch.from_numpy(expert.preprocess(img))[None].to(device)
+        e_v, e_a = expert.encode(pixels)
+        sim, attn = teacher_signals(e_v, e_a, grid)
+        out[name] = {"sim": sim[0].cpu().numpy(), "attn": attn[0].cpu().numpy()}
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+_READ = r"""
+import sys, time, os, numpy as np, psutil
+from shared.cache import open_cache
+r = open_cache(sys.argv[1]); rows = len(r); rng = np.random.default_rng(1)
+order = rng.integers(0, rows, int(sys.argv[2]))
+r.read(0)
+t0 = time.perf_counter()
+for i in order: r.read(int(i))
+dt = time.perf_counter() - t0
+print(len(order) / dt, psutil.Process(os.getpid()).memory_info().rss)
+"""
+
+
+def _read_bench(cache: Path, reads: int) -> tuple[float, int]:
+    out = subprocess.run([sys.executable, "-c", _READ, str(cache), str(reads)], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    rate, rss = out.stdout.split()
+    return float(rate), int(rss)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=["b", "l"], default="b", help="b: ViT-B/16 @224, l: ViT-L/14 @336")
+    ap.add_argument("--grid", type=int, default=24)
+    ap.add_argument("--count", type=int, default=96, help="images to build over")
+    ap.add_argument("--images", help="image directory (default: ../shared VQA-RAD, else synthetic)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--reads", type=int, default=2000)
+    ap.add_argument("--rss-rows", default="1000,10000")
+    ap.add_argument("--skip-store", action="store_true", help="only the build throughput")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="medalign-bench-"))
+    res: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                            f"{os.cpu_count()} cpus, torch {torch.__version__}",
+                 "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+    try:
+        name = f"unimed-{args.arch}"
+        weights = work / "expert.pt"
+        save_random_unimed(weights, name)
+        root, names = _images(args, work)
+        make_dataset(work / "data.json", names)
+        res.update(expert=name, images=len(names), grid=args.grid)
+        ref_expert = load_expert(name, weights, device=args.device, dtype=torch.float32, geometry="crop")
+        reference_loop(ref_expert, root, names[:2], args.grid, args.device)  # warm-up
+        ref_s, ref = reference_loop(ref_expert, root, names, args.grid, args.device)
+        del ref_expert
+        pkl = work / "reference.pkl"
+        pkl.write_bytes(pickle.dumps(ref, protocol=pickle.HIGHEST_PROTOCOL))
+        res["reference_img_s"] = len(names) / ref_s
+        ours = {}
+        for dtype in ("float16", "int8"):
+            cfg = BuildConfig(expert=name, weights=weights, data=(work / "data.json",), image_root=root,
+                              grid=args.grid, out=work / f"cache-{dtype}", geometry="crop", sim_dtype=dtype,
+                              batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+                              progress=False)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            build_cache(cfg)
+            ours[dtype] = time.perf_counter() - t0
+            reader = open_cache(cfg.out)
+            err = max(float(np.abs(reader.get(n)[0] - ref[n]["sim"]).max()) for n in names)
+            res[f"{dtype}_bytes_per_image"] = _dir_bytes(cfg.out) / len(names)
+            res[f"{dtype}_max_abs_err"] = err
+            if args.skip_store:
+                break
+        res["ours_img_s"] = len(names) / ours["float16"]
+        res["build_speedup"] = res["ours_img_s"] / res["reference_img_s"]
+        res["pickle_bytes_per_image"] = pkl.stat().st_size / len(names)
+        for dtype in ours:
+            res[f"{dtype}_size_ratio"] = res["pickle_bytes_per_image"] / res[f"{dtype}_bytes_per_image"]
+        if not args.skip_store:
+            # stores of 1k and 10k rows made of the real matrices, repeated
+            sims = np.stack([ref[n]["sim"] for n in names])
+            attns = np.stack([ref[n]["attn"] for n in names])
+            for rows in (int(x) for x in args.rss_rows.split(",")):
+                idx = np.arange(rows) % len(names)
+                out = work / f"rows-{rows}"
+                write_cache(out, _Rows(sims, idx), attns[idx], [f"{i:064x}" for i in range(rows)],
+                            {f"{i}.jpg": i for i in range(rows)})
+                rate, rss = _read_bench(out, args.reads)
+                res[f"reads_s_{rows}"] = rate
+                res[f"reader_rss_mb_{rows}"] = rss / 1e6
+                shutil.rmtree(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(res, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+
+
+class _Rows:
+    """Lazily repeated (rows, N, N) view so the 10k-row store needs no 13 GB array in memory."""
+
+    def __init__(self, sims, idx):
+        self.sims, self.idx = sims, idx
+        self.shape = (len(idx), *sims.shape[1:])
+
+    def __getitem__(self, sl):
+        return self.sims[self.idx[sl]]
+
+
+if __name__ == "__main__":
+    main()
