@@ -11,7 +11,7 @@ The builders write exactly what the real downloads look like, so the real loadin
   ``open_clip_pytorch_model.bin``; it loads with ``load_expert("biomedclip", dir)``.
 
 Biases and norm weights are perturbed from their constant initial values so a test cannot pass
-by accident on zeros and ones, and query/key projections are scaled up so the
+by accident on zeros and ones, and in the tiny models query/key projections are scaled up so the
 attention is far from uniform.
 """
 
@@ -90,6 +90,9 @@ def _random_init_fast(module: nn.Module, seed: int) -> None:
 
 
 def _random_visual(model_cfg: dict, quick_gelu: bool, seed: int, fast: bool) -> nn.Module:
+    """Random tower. Tiny (``fast=False``): open_clip/timm init, perturbed, attention sharpened.
+    Full size (``fast=True``): fast init and no sharpening: sharpened attention through 12-24
+    random blocks is chaotic (bf16 and fp32 runs then disagree), unlike a trained model."""
     if fast:
         visual = _build_visual(model_cfg, quick_gelu=quick_gelu, meta=True)
         _random_init_fast(visual, seed)
@@ -97,7 +100,7 @@ def _random_visual(model_cfg: dict, quick_gelu: bool, seed: int, fast: bool) -> 
         torch.manual_seed(seed)
         visual = _build_visual(model_cfg, quick_gelu=quick_gelu)
         _perturb(visual, seed)
-    _sharpen_attention(visual)
+        _sharpen_attention(visual)
     return visual
 
 

@@ -411,3 +411,87 @@ def test_full_size_base_experts_build(tmp_path, name):
 @pytest.mark.slow
 def test_full_size_unimed_l_builds(tmp_path):
     _full_size_round_trip(tmp_path, "unimed-l")
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (run with -m gpu on a machine with a GPU)
+# ------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fp32_matches_fp64_reference(unimed_b, biomed_dir):
+    path, cfg = unimed_b
+    expert = load_expert("unimed-b", path, model_cfg=cfg, device="cuda", dtype=torch.float32)
+    x = _pixels(expert, 3, seed=21)
+    e_v, e_a = expert.encode(x)
+    assert e_v.device.type == "cuda" and e_v.dtype == torch.float32
+    r_v, r_a = ref.open_clip_vit(_visual_state(path), x, patch=8, heads=2, quick=True)
+    # cuDNN may run the patch-embedding convolution in TF32
+    np.testing.assert_allclose(e_v.cpu().numpy(), r_v, atol=5e-3 * np.abs(r_v).max(), rtol=0)
+    np.testing.assert_allclose(e_a.cpu().numpy(), r_a, atol=5e-3 * r_a.max(), rtol=0)
+
+    expert = load_expert("biomedclip", biomed_dir, device="cuda")
+    assert expert.dtype in (torch.bfloat16, torch.float16)  # the CUDA default casts the weights
+    x = _pixels(expert, 2, seed=22)
+    e_v, e_a = expert.encode(x)
+    state = torch.load(biomed_dir / "open_clip_pytorch_model.bin", weights_only=True)
+    visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    r_v, r_a = ref.timm_vit(visual, x, patch=16, heads=2)
+    cos = (e_v.cpu().double().numpy() * r_v).sum(-1) / np.linalg.norm(e_v.cpu().double().numpy(), axis=-1) \
+        / np.linalg.norm(r_v, axis=-1)
+    assert cos.min() > 0.99
+    np.testing.assert_allclose(e_a.cpu().numpy(), r_a, atol=0.05 * r_a.max(), rtol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_bf16_full_size_unimed_l(tmp_path):
+    """Full-size UniMed-L (random weights) on CUDA: bf16 weight cast vs fp32, the hook against
+    need_weights=True, signals on the GPU, and the encode throughput."""
+    from teacher_cache.signals import teacher_signals
+    path = tmp_path / "unimed-l.pt"
+    tiny.save_random_unimed(path, "unimed-l")
+    e32 = load_expert("unimed-l", path, device="cuda", dtype=torch.float32)
+    e16 = load_expert("unimed-l", path, device="cuda")
+    assert e16.dtype == torch.bfloat16
+    x = torch.randn(16, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+    v32, a32 = e32.encode(x)
+    seen = []
+    attn = e16.visual.transformer.resblocks[-1].attn
+    handle = attn.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    v16, a16 = e16.encode(x)
+    handle.remove()
+    assert v16.shape == (16, 576, 1024) and a16.shape == (16, 576) and v16.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(v16, v32, dim=-1)
+    print(f"\nbf16 vs fp32 E_v cosine: min {cos.min().item():.5f} mean {cos.mean().item():.5f}; "
+          f"E_a max abs diff {(a16 - a32).abs().max().item():.2e} (max {a32.max().item():.2e})")
+    assert cos.mean() > 0.999
+    assert (a16 - a32).abs().max() < 0.05 * a32.max()
+    # the hook's fp32 recomputation equals PyTorch's own weights on the same (bf16) block input
+    with torch.no_grad():
+        inp = seen[0].float()
+        mha = torch.nn.MultiheadAttention(1024, 16, batch_first=True).cuda().eval()
+        mha.load_state_dict({k: v.float() for k, v in attn.state_dict().items()})
+        _, w = mha(inp, inp, inp, need_weights=True, average_attn_weights=True)
+    torch.testing.assert_close(a16, w[:, 0, 1:], rtol=0, atol=1e-5)
+    # signals on the GPU equal those on the CPU
+    s_gpu, t_gpu = teacher_signals(v16, a16, 24)
+    s_cpu, t_cpu = teacher_signals(v16.cpu(), a16.cpu(), 24)
+    torch.testing.assert_close(s_gpu.cpu(), s_cpu, rtol=0, atol=1e-5)
+    assert torch.equal(t_gpu.cpu(), t_cpu)
+
+    for bsz in (32, 128):
+        xb = torch.randn(bsz, 3, 336, 336).cuda()
+        for expert, label in ((e16, "bf16"), (e32, "fp32")):
+            expert.encode(xb)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(3):
+                ev, ea = expert.encode(xb)
+                teacher_signals(ev, ea, 24)
+            torch.cuda.synchronize()
+            rate = 3 * bsz / (time.perf_counter() - t0)
+            print(f"unimed-l {label} batch {bsz}: {rate:.0f} images/s (encode + signals)")
