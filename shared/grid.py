@@ -36,13 +36,18 @@ def pack_triangle(mat: np.ndarray) -> np.ndarray:
     return mat[..., i, j]
 
 
+@lru_cache(maxsize=8)
+def _upper_mask(n: int) -> np.ndarray:
+    return np.triu(np.ones((n, n), dtype=bool))
+
+
 def unpack_triangle(tri: np.ndarray, out_dtype=np.float32) -> np.ndarray:
-    """Rebuild the full symmetric (n, n) matrix from its packed upper triangle."""
+    """Rebuild the full symmetric (n, n) matrix from its packed upper triangle (one 1-D row)."""
     n = side_from_triangle(tri.shape[-1])
-    i, j = _triu(n)
+    upper = _upper_mask(n)
     mat = np.empty((n, n), dtype=out_dtype)
-    mat[i, j] = tri
-    mat[j, i] = tri
+    mat[upper] = tri                                  # boolean fill is row-major = triu_indices order
+    np.copyto(mat, mat.T.copy(), where=~upper)        # mirror into the lower triangle
     return mat
 
 

@@ -162,3 +162,24 @@ def test_reader_memory_does_not_grow_with_rows(tmp_path, fmt):
         rss[rows] = int(out.stdout.strip())
     # Holding the rows would cost 1,400 x 21 KB (float16 triangles) = 29 MB more; the index adds ~0.1 MB.
     assert rss[1500] - rss[100] < 10e6, rss
+
+
+def test_direct_shard_reads_equal_zarr_reads(tmp_path):
+    """The reader's pread fast path returns exactly what zarr-python returns, row for row."""
+    import zarr
+    from shared.cache.storage import _ShardFile
+    sims, attns, keys, index = _fixture(rows=11, n=16)
+    write_cache(tmp_path / "c", sims, attns, keys, index, shard_size=4)
+    reader = open_cache(tmp_path / "c")
+    rows = reader._store()
+    assert isinstance(rows.sim, _ShardFile) and isinstance(rows.attn, _ShardFile)
+    g = zarr.open_group(str(tmp_path / "c"), mode="r")
+    for r in range(11):
+        np.testing.assert_array_equal(rows.sim[r], g["sim"][r])
+        np.testing.assert_array_equal(rows.attn[r], g["attn"][r])
+    shard = tmp_path / "c" / "sim" / "c" / "1" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[-10] ^= 0xFF  # flip a bit inside the shard index
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(OSError, match="checksum"):
+        open_cache(tmp_path / "c").read(5)
