@@ -292,7 +292,7 @@ class TrainDataset(torch.utils.data.Dataset):
             from shared.cache import open_cache
             self._reader = open_cache(self.cache_path)
         sim, attn = self._reader.read(row)
-        return torch.from_numpy(sim), torch.from_numpy(attn), True
+        return torch.tensor(sim, dtype=torch.float32), torch.tensor(attn, dtype=torch.float32), True
 
     def pixels(self, rel: str) -> torch.Tensor:
         """[3, S, S] float32 pixel values for a dataset-relative image path."""
@@ -304,7 +304,10 @@ class TrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.samples[i]
         item = expand(s.enc, self.image_token_id, self.num_image_tokens)
-        item["pixel_values"] = self.pixels(s.image)
+        try:
+            item["pixel_values"] = self.pixels(s.image)
+        except MedAlignError as e:  # plain MedAlignError survives the DataLoader worker boundary
+            raise MedAlignError(f"sample {s.record_id or s.index}: {e}") from None
         if self.cache_path is not None:
             sim, attn, ok = self._teacher(s.teacher_row)
             item.update(teacher_sim=sim, teacher_attn=attn, teacher_mask=ok)

@@ -123,6 +123,28 @@ def test_allow_missing_trains_with_lm_loss_and_counts(setup, tmp_path):
     assert sum(r["no_teacher"] for r in log) == 6  # two epochs of 6 samples, 3 without teacher each
 
 
+def test_bf16_gradient_checkpointing_workers(setup, tmp_path):
+    from safetensors.torch import load_file
+    out = tmp_path / "bf16"
+    res = invoke(base_args(setup, out, "--max-steps", "1", "--grad-accum", "1", "--bf16", "--gradient-checkpointing",
+                           "--num-workers", "1"))
+    assert res.exit_code == 0, res.output
+    (rec,) = read_log(out)
+    assert rec["vis_loss"] > 0 and rec["att_loss"] > 0
+    trained = load_file(str(out / "checkpoints" / "step-00000001" / "trainable.safetensors"))
+    assert all(t.dtype == torch.float32 for t in trained.values())  # trainable weights stay fp32
+
+
+def test_corrupt_image_is_a_clear_error(setup, tmp_path):
+    d = tmp_path / "d"
+    shutil.copytree(setup["dir"], d)
+    (d / "images" / setup["images"][0]).write_bytes(b"not a png")
+    args = base_args({**setup, "dir": d, "cache": setup["cache"]}, tmp_path / "run", "--max-steps", "1",
+                     "--allow-missing", "--num-workers", "1")
+    res = CliRunner().invoke(cli.main, args)
+    assert res.exit_code == 2 and "bad image" in res.output and "img/000.png" in res.output
+
+
 def test_config_yaml_and_flags_precedence(setup, tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr("student_train.recipe.train", lambda cfg: seen.setdefault("cfg", cfg))
