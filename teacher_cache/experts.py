@@ -188,7 +188,12 @@ def _torch_load(path: Path) -> Any:
         except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
             raise MedAlignError(f"{path}: cannot read safetensors weights ({e})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:  # memory-map zip-format checkpoints: only the visual tensors are ever read
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zipfile" not in str(e).lower():
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except FileNotFoundError:
         raise MedAlignError(f"expert weights not found: {path}") from None
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
@@ -622,7 +627,8 @@ def load_expert(expert: str | ExpertSpec, weights: str | Path, *, device: str | 
         cfg_size = cfg_size[0]
     if int(cfg_size) != tower.image_size:
         raise MedAlignError(f"expert {spec.name}: config image_size {cfg_size} but the tower takes {tower.image_size}")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    # private float32 copies (the loaded tensors may be memory-mapped views of the file)
+    state = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
     _load_strict(visual, state, weights_path, spec.name, arch or spec.name)
     del state
     visual.eval().requires_grad_(False)
