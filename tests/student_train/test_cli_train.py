@@ -221,7 +221,7 @@ BAD_CASES = {
     "no_gpt_turn": (_set_records(lambda r: r[4].__setitem__("conversations", r[4]["conversations"][:1])), [],
                     ["no 'gpt' turn", "record 4 (id q4)"]),
     "missing_image": (lambda s: (s["dir"] / "images" / s["images"][1]).unlink(), [],
-                      ["image file(s) not found", s_img := "img/001.png"]),
+                      ["image file(s) not found", "img/001.png"]),
     "layer_too_high": (lambda s: None, ["--align-layer", "4"], ["--align-layer 4 is out of range", "4 decoder layers"]),
     "layer_zero": (lambda s: None, ["--align-layer", "0"], ["--align-layer must be >= 1"]),
     "not_llava": (_nonllava, [], ["is not a LLaVA model", "'llama'"]),
