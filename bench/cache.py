@@ -38,10 +38,13 @@ sys.path.insert(0, str(REPO))
 from shared.cache import open_cache, write_cache  # noqa: E402
 from shared.images import load_image  # noqa: E402
 from teacher_cache.build import BuildConfig, build_cache  # noqa: E402
-from teacher_cache.demo import make_dataset  # noqa: E402
 from teacher_cache.experts import load_expert  # noqa: E402
 from teacher_cache.signals import teacher_signals  # noqa: E402
 from teacher_cache.tiny import save_random_unimed  # noqa: E402
+
+
+def make_dataset(path: Path, images: list[str]) -> None:
+    path.write_text(json.dumps([{"id": i, "image": name} for i, name in enumerate(images)]))
 
 
 def _images(args, work: Path) -> tuple[Path, list[str]]:

@@ -173,8 +173,16 @@ def show(cache, image, out, patch):
 @main.command()
 @click.option("--out", default="medalign-demo/cache", show_default=True, type=click.Path(path_type=Path))
 @click.option("--images", type=int, default=24, show_default=True, help="Number of synthetic images.")
+@click.option("--data", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Build over these datasets instead of generated ones.")
+@click.option("--image-root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--grid", type=int, default=4, show_default=True, help="Student grid (the tiny demo student's is 4).")
 @_friendly
-def demo(out, images):
-    """Build a cache over a generated image set with a tiny random-weight expert (no downloads)."""
+def demo(out, images, data, image_root, grid):
+    """Build a cache with a tiny random-weight expert (no downloads), over generated images by default."""
     from teacher_cache.demo import run_demo
-    run_demo(out, images)
+    run_demo(out, images, tuple(data), image_root, grid)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,8 @@
-"""``medalign-cache demo``: a cache build on generated images with a tiny random-weight expert.
+"""``medalign-cache demo``: a cache build with a tiny random-weight expert, nothing downloaded.
 
-Everything is generated locally (no downloads): a tiny UniMed-format checkpoint, a set of
-synthetic "scans" of mixed sizes and modes, and a LLaVA-style dataset file.
+Without ``--data`` it also generates the inputs: synthetic "scans" of mixed sizes and modes and a
+LLaVA-style dataset (:mod:`shared.demo_data`). With ``--data``/``--image-root`` it builds over
+those (the full pipeline demo, ``medalign-eval demo``, uses this).
 """
 
 from __future__ import annotations
@@ -10,53 +11,31 @@ import json
 from pathlib import Path
 
 import click
-import numpy as np
-from PIL import Image
-
+from shared.demo_data import make_demo_dataset
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.tiny import save_tiny_unimed
 
 DEMO_GRID = 4  # the tiny demo student's grid (32 px images, 8 px patches)
 
 
-def make_images(root: Path, count: int, seed: int = 0) -> list[str]:
-    """Synthetic grayscale/RGB 'scans': a bright blob on a noisy background, mixed sizes."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    names = []
-    for i in range(count):
-        h, w = int(rng.integers(48, 96)), int(rng.integers(48, 96))
-        yy, xx = np.mgrid[0:h, 0:w]
-        cy, cx, r = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w, rng.uniform(6, 16)
-        img = 40 + 20 * rng.standard_normal((h, w)) + 180 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
-        arr = np.clip(img, 0, 255).astype(np.uint8)
-        pil = Image.fromarray(arr, "L") if i % 2 else Image.fromarray(np.stack([arr] * 3, -1), "RGB")
-        name = f"scan{i:03d}.png"
-        pil.save(root / name)
-        names.append(name)
-    return names
-
-
-def make_dataset(path: Path, images: list[str]) -> None:
-    recs = []
-    for i, name in enumerate(images):
-        recs.append({"id": i, "image": name, "answer_type": "CLOSED",
-                     "conversations": [{"from": "human", "value": "<image>\nIs there a bright lesion?"},
-                                       {"from": "gpt", "value": "yes"}]})
-    path.write_text(json.dumps(recs, indent=1))
-
-
-def run_demo(out: Path, images: int = 24) -> None:
+def run_demo(out: Path, images: int = 24, data: tuple[Path, ...] = (), image_root: Path | None = None,
+             grid: int = DEMO_GRID) -> None:
     work = out.parent / "demo-inputs"
-    names = make_images(work / "images", images)
-    make_dataset(work / "data.json", names)
+    work.mkdir(parents=True, exist_ok=True)
+    if not data:
+        made = make_demo_dataset(work, images)
+        data, image_root = (made["train"], made["test"]), made["images"]
+    elif image_root is None:
+        raise click.UsageError("--data needs --image-root")
     weights = work / "tiny-unimed-b.pt"
     cfg_path = work / "tiny-unimed-b.json"
-    cfg_path.write_text(json.dumps(save_tiny_unimed(weights, "b"), indent=1))
-    cfg = BuildConfig(expert="unimed-b", weights=weights, data=(work / "data.json",), image_root=work / "images",
-                      grid=DEMO_GRID, out=out, num_workers=0, batch_size=8, model_config=cfg_path,
+    if not weights.is_file():
+        cfg_path.write_text(json.dumps(save_tiny_unimed(weights, "b"), indent=1))
+    cfg = BuildConfig(expert="unimed-b", weights=weights, data=tuple(data), image_root=image_root,
+                      grid=grid, out=out, num_workers=0, batch_size=8, model_config=cfg_path,
                       resume=(out / "manifest.json").is_file() or (out / ".progress").is_dir())
     manifest = build_cache(cfg)
     click.echo(manifest.describe())
+    first = sorted(Path(image_root).iterdir())[0]
     click.echo(f"\ncache: {out}\ninputs: {work}\nnext: medalign-cache info {out}; "
-               f"medalign-cache show {out} --image {work / 'images' / names[0]} --out {out.parent / 'fig.png'}")
+               f"medalign-cache show {out} --image {first} --out {out.parent / 'fig.png'}")

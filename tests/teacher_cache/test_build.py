@@ -19,7 +19,7 @@ from PIL import Image
 from shared.cache import open_cache
 from shared.images import load_image
 from teacher_cache.cli import main
-from teacher_cache.demo import make_dataset, make_images
+from shared.demo_data import make_scans
 from teacher_cache.experts import load_expert
 from teacher_cache.signals import teacher_signals
 from teacher_cache.tiny import save_tiny_unimed
@@ -30,10 +30,15 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     weights = root / "tiny-b.pt"
     (root / "cfg.json").write_text(json.dumps(save_tiny_unimed(weights, "b")))
-    names = make_images(root / "images", 12)
+    names = [s["image"] for s in make_scans(root / "images", 12)]
     make_dataset(root / "a.json", names[:8])
     make_dataset(root / "b.json", names[4:])  # overlaps a.json on 4 images
     return root
+
+
+def make_dataset(path: Path, images: list[str]) -> None:
+    path.write_text(json.dumps([{"id": i, "image": name, "conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]} for i, name in enumerate(images)]))
 
 
 def _args(tiny: Path, out: Path, *extra: str, data=("a.json", "b.json")) -> list[str]:
