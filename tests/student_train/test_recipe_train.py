@@ -65,13 +65,18 @@ def test_resume_gives_identical_losses_and_weights(setup, tmp_path):
 
 
 def test_resume_refuses_changed_settings(setup, tmp_path):
-    out = tmp_path / "run"
-    run(setup, out, "--stop-after", "1")
+    from student_train.config import TrainConfig
     d, cache, model = setup
-    res = CliRunner().invoke(cli.main, ["--cache", str(cache), "--model", str(model), "--data", str(d / "train.json"),
-                                        "--image-root", str(d / "images"), "--out", str(out), "--align-layer", "2",
-                                        "--allow-missing", "--resume", "--lr", "1e-3"])
-    assert res.exit_code == 2 and "--resume with different settings" in res.output and "lr:" in res.output
+    out = tmp_path / "run"
+    flags = dict(cache=str(cache), model=str(model), data=str(d / "train.json"), image_root=str(d / "images"),
+                 out=str(out), align_layer=2, allow_missing=True)
+    (out / "checkpoints" / "step-00000001").mkdir(parents=True)
+    (out / "checkpoints" / "step-00000001" / "state.json").write_text("{}")
+    (out / "config.json").write_text(json.dumps(TrainConfig.from_flat({**flags, "lr": 5e-3}).to_dict()))
+    args = [x for k, v in flags.items() if v is not True for x in ("--" + k.replace("_", "-"), str(v))]
+    res = CliRunner().invoke(cli.main, args + ["--allow-missing", "--resume", "--lr", "1e-3", "--num-workers", "1"])
+    assert res.exit_code == 2 and "--resume with different settings" in res.output
+    assert "lr: 0.005 -> 0.001" in res.output and "num_workers" not in res.output
 
 
 def test_cosine_schedule_matches_transformers():
