@@ -48,6 +48,12 @@ class CacheReader:
     def __len__(self) -> int:
         return self.manifest.rows
 
+    def close(self) -> None:
+        """Close open files (reopened on the next read). Call before forking if you read in the parent."""
+        rows, self._rows, self._pid = self._rows, None, None
+        if rows is not None and hasattr(rows, "close"):
+            rows.close()
+
     @property
     def index(self) -> dict[str, int]:
         """Dataset-relative image path -> row."""

@@ -158,12 +158,16 @@ class _ShardFile:
         data = blosc.decompress(os.pread(self._fd(shard), int(nbytes), int(start)))
         return np.frombuffer(data, dtype=self.dtype.newbyteorder("<"), count=self.width)
 
-    def __del__(self):
+    def close(self):
         for fd in self._fds.values():
             try:
                 os.close(fd)
             except OSError:
                 pass
+        self._fds.clear()
+        self._indexes.clear()
+
+    __del__ = close
 
 
 class _ZarrRows:
@@ -175,6 +179,11 @@ class _ZarrRows:
 
     def keys(self) -> list[str]:
         return [str(k) for k in self.key[:]]
+
+    def close(self):
+        for arr in (self.sim, self.attn):
+            if isinstance(arr, _ShardFile):
+                arr.close()
 
 
 class Hdf5Storage:
