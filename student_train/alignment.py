@@ -50,8 +50,9 @@ class Rotation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [P, d] any float dtype -> [P, d] fp32 rows ``x + eps * x W^T`` (maths in fp32)."""
-        xf = x.float()
-        return xf + self.eps * (xf @ self.weight.t())
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.float()
+            return xf + self.eps * (xf @ self.weight.float().t())
 
 
 @dataclass
@@ -195,9 +196,10 @@ def medalign_attention_forward(
         and state.visual_mask.shape[1] == key.shape[2]
     ):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        state.attn, state.attn_rows = capture_query_attention(
-            query, key, attention_mask, scale, state.query_mask, state.visual_mask
-        )
+        with torch.autocast(device_type=query.device.type, enabled=False):  # fp32 softmax
+            state.attn, state.attn_rows = capture_query_attention(
+                query, key, attention_mask, scale, state.query_mask, state.visual_mask
+            )
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )

@@ -43,8 +43,9 @@ def _connected_zero(*tensors: torch.Tensor) -> torch.Tensor:
 
 def cosine_similarity_matrix(x: torch.Tensor) -> torch.Tensor:
     """x: [B, N, d] -> [B, N, N] fp32 cosine similarities of the rows."""
-    xn = F.normalize(x.float(), dim=-1)
-    return xn @ xn.transpose(-1, -2)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xn = F.normalize(x.float(), dim=-1)
+        return xn @ xn.transpose(-1, -2)
 
 
 def vis_loss(rotated: torch.Tensor, teacher_sim: torch.Tensor, teacher_mask: torch.Tensor) -> torch.Tensor:
