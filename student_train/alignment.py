@@ -330,6 +330,16 @@ def install(
     return handles
 
 
+def stop_capture(model: nn.Module) -> None:
+    """Switch the capture and the storing of X~ off (e.g. before generating with a model that
+    was just trained); :func:`student_train.model.compute_losses` switches them on again."""
+    handles = get_handles(model)
+    if handles is not None:
+        handles.state.query_mask = None
+        handles.state.store_rotated = False
+        handles.state.clear_outputs()
+
+
 def uninstall(model: nn.Module) -> torch.Tensor | None:
     """Remove everything :func:`install` added; returns W (detached) or None."""
     base = unwrap(model)

@@ -10,7 +10,8 @@ Public API (used by the training recipe and by evaluation):
 * :func:`param_groups`, :func:`enable_gradient_checkpointing`.
 * :func:`compute_losses` -> ``{"loss", "lm_loss", "vis_loss", "att_loss"}``.
 * :func:`save_trained` / :func:`load_trained`: the PEFT adapter (standard format) plus
-  ``rotation.safetensors`` (W, fp32) and ``rotation.json`` (layer, eps).
+  ``rotation.safetensors`` (W, fp32) and ``rotation.json`` (layer, eps);
+  :func:`restore_trained` loads them back into a prepared model in place (resume).
 
 ``alpha = beta = 0`` is plain LoRA fine-tuning: no W, no capture, pure SDPA, no teacher needed.
 With ``alpha > 0`` or ``beta > 0`` the rotation is installed (it is part of the trained model);
@@ -350,6 +351,33 @@ def load_rotation(run_dir: str | Path) -> tuple[torch.Tensor, dict] | None:
     return load_file(str(run_dir / ROTATION_WEIGHTS))["weight"], meta
 
 
+def restore_trained(model: nn.Module, run_dir: str | Path) -> None:
+    """Load what :func:`save_trained` wrote back into a model prepared the same way (for
+    ``--resume``): the adapter weights (LoRA and a trained projector) and W, in place."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    adapter = run_dir / "adapter_model.safetensors"
+    if not adapter.is_file():
+        raise MedAlignError(f"{run_dir} holds no adapter weights (adapter_model.safetensors missing)")
+    peft_model = _peft_model(model)
+    result = set_peft_model_state_dict(peft_model, load_file(str(adapter)))
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise MedAlignError(f"the adapter in {run_dir} does not fit this model: unexpected keys {unexpected[:3]}")
+    handles = get_handles(model)
+    rot = load_rotation(run_dir)
+    if (handles is not None and handles.rotation is not None) != (rot is not None):
+        raise MedAlignError(f"{run_dir} and the prepared model disagree on having a rotation W")
+    if rot is not None:
+        w, meta = rot
+        if int(meta["layer"]) != handles.layer:
+            raise MedAlignError(f"{run_dir} holds W for layer {meta['layer']}, the model has it at {handles.layer}")
+        with torch.no_grad():
+            handles.rotation.weight.copy_(w.to(handles.rotation.weight.device))
+
+
 def load_trained(
     model_dir: str | Path,
     run_dir: str | Path,
@@ -394,6 +422,7 @@ __all__ = [
     "compute_losses",
     "save_trained",
     "load_trained",
+    "restore_trained",
     "load_rotation",
     "language_linear_targets",
 ]
