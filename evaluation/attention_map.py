@@ -121,6 +121,11 @@ def question_attention(gen, question: str, pixels: torch.Tensor, layer: int) -> 
     return m.cpu().numpy().astype(np.float32), len(ids) - q_start
 
 
+def _printable(text: str) -> str:
+    """Control characters (which fonts cannot draw) shown as '?'."""
+    return "".join(c if c.isprintable() or c == "\n" else "?" for c in text)
+
+
 def attention_figure(gen, image_path: str | Path, question: str, *, layer: int, max_new_tokens: int = 64) -> tuple[AttentionResult, object]:
     """Compute the map and the greedy answer; returns ``(result, matplotlib Figure)``."""
     import matplotlib
@@ -143,15 +148,15 @@ def attention_figure(gen, image_path: str | Path, question: str, *, layer: int, 
     side = square.shape[0]
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.8))
     axes[0].imshow(square)
-    axes[0].set_title("image (padded to square)")
+    axes[0].set_title("image as the student sees it\n(padded to a square)")
     axes[1].imshow(square)
     heat = axes[1].imshow(attn.reshape(g, g), cmap="jet", alpha=0.5, interpolation="bilinear",
                           extent=(0, side, side, 0))
-    axes[1].set_title(f"question -> image attention, layer {layer} ({g}x{g}, mean over heads)")
+    axes[1].set_title(f"question -> image attention\nlayer {layer}, {g}x{g} patches, mean over heads")
     fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04)
     for ax in axes:
         ax.axis("off")
-    text = "Q: " + textwrap.fill(question, 110) + "\nA: " + textwrap.fill(answer or "(empty)", 110)
+    text = "Q: " + textwrap.fill(_printable(question), 110) + "\nA: " + textwrap.fill(_printable(answer) or "(empty)", 110)
     fig.text(0.02, 0.02, text, ha="left", va="bottom", fontsize=9, family="monospace")
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     return result, fig
