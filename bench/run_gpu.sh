@@ -14,9 +14,11 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TOKENIZER
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft, open_clip, zarr; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'open_clip', open_clip.__version__, 'zarr', zarr.__version__)" | tee -a "$OUT/gpu.txt"
 echo "== cache build, UniMed-L-sized (ViT-L/14-336), ours vs batch-1 loop"
-timeout 220 python3 bench/cache.py --device cuda --arch l --count 384 --batch-size 64 --num-workers 12 \
+timeout 150 python3 bench/cache.py --device cuda --arch l --count 512 --batch-size 64 --num-workers 12 \
   --skip-store --json "$OUT/cache_gpu.json" 2>&1 | tee "$OUT/cache_gpu.log" | tail -25
+[ "${CACHE_ONLY:-0}" = 1 ] && exit 0
 echo "== training step, 7B-shaped student, bf16"
-timeout 260 python3 bench/train_step.py --device cuda --preset 7b --steps 5 --warmup 2 2>&1 | tee "$OUT/train_gpu.log" | tail -20
+timeout 170 python3 bench/train_step.py --device cuda --preset 7b --steps 4 --warmup 1 2>&1 | tee "$OUT/train_gpu.log" | tail -20
+[ "${GPU_TESTS:-0}" = 1 ] || exit 0
 echo "== gpu tests"
 timeout 100 python3 -m pytest -q -m gpu tests -p no:cacheprovider --continue-on-collection-errors 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15

@@ -11,6 +11,7 @@ identical.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from shared.cache import CacheWriter, Manifest, normalise_rel
+from shared.cache.manifest import INT8_SCALE
 from shared.cache.writer import DEFAULT_SHARD_SIZE
 from shared.errors import BadImageError, MedAlignError
 from shared.images import Preprocess, decode_image, read_image_bytes, resolve_image_path, sha256_bytes
@@ -166,7 +168,11 @@ def layer_name(expert) -> str:
     return f"block {expert.layer} (last of {expert.num_layers}): patch tokens + CLS->patch attention, head mean"
 
 
-def build_cache(cfg: BuildConfig) -> Manifest:
+def build_cache(cfg: BuildConfig, stats: dict | None = None) -> Manifest:
+    """Build (or resume) the cache; ``stats``, when given, receives the seconds of each phase."""
+    import time
+    stats = {} if stats is None else stats
+    t0 = time.perf_counter()
     spec = get_expert(cfg.expert)  # unknown names fail before any work
     plan = plan_rows(cfg)
     wsha = weights_sha256(cfg.weights)
@@ -176,10 +182,15 @@ def build_cache(cfg: BuildConfig) -> Manifest:
     writer = CacheWriter(cfg.out, identity=identity, keys=plan.keys, index=plan.index, num_tokens=n,
                          storage=cfg.storage, sim_dtype=cfg.sim_dtype, shard_size=cfg.shard_size, resume=cfg.resume)
     pending = writer.pending_shards()
+    t1 = time.perf_counter()
     expert = load_expert(cfg.expert, cfg.weights, device=cfg.device, geometry=cfg.geometry,
                          model_cfg=read_model_config(cfg.model_config))
+    t2 = time.perf_counter()
     if pending:
         _compute_shards(cfg, writer, expert, plan, pending)
+    t3 = time.perf_counter()
+    stats.update(plan_s=t1 - t0, load_s=t2 - t1, compute_s=t3 - t2,
+                 computed=sum(len(writer.shard_rows(s)) for s in pending))
     manifest = writer.finalize(
         expert=spec.name, arch=_arch_name(spec, cfg), weights_sha256=wsha, token_mode=spec.token_mode,
         preprocessing=expert.preprocess.to_json(), layer=layer_name(expert), patch_grid=expert.grid,
@@ -187,51 +198,80 @@ def build_cache(cfg: BuildConfig) -> Manifest:
     return manifest
 
 
+class _ShardBuffer:
+    """Rows of one shard as they arrive, already in the stored encoding."""
+
+    def __init__(self, rows: range, tri: int, n: int, sim_dtype: str):
+        self.rows = rows
+        self.sim = np.zeros((len(rows), tri), dtype=sim_dtype)
+        self.attn = np.zeros((len(rows), n), dtype=np.float32)
+        self.filled = 0
+        self.failures: list[dict[str, str]] = []
+        self.failed: set[int] = set()
+
+
+def _encode_on_device(tri: torch.Tensor, sim_dtype: str) -> torch.Tensor:
+    """float16 or int8 (round(127 s)) on the device: half the bytes to move, no CPU pass."""
+    if sim_dtype == "int8":
+        return torch.round(tri.float() * INT8_SCALE).clamp_(-127, 127).to(torch.int8)
+    return tri.to(torch.float16)
+
+
 def _compute_shards(cfg: BuildConfig, writer: CacheWriter, expert, plan: Plan, pending: list[int]) -> None:
+    """Expert forward per batch on the device; finished shards are compressed and committed by a
+    background thread (one writer, at most two shards in flight) while the next ones compute."""
     dataset = _ImageRows(plan.paths, plan.keys, expert.preprocess)
     batches = _shard_batches(writer, pending, cfg.batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=_collate,
                         pin_memory=cfg.device.startswith("cuda"), persistent_workers=False)
-    n, tri_i, tri_j = writer.num_tokens, *np.triu_indices(writer.num_tokens)
-    tri_i_t = torch.as_tensor(tri_i, device=cfg.device)
-    tri_j_t = torch.as_tensor(tri_j, device=cfg.device)
-    total = sum(len(writer.shard_rows(s)) for s in pending)
-    # Planning failures (missing / empty files) are recorded with the first shard written.
-    plan_failures = list(plan.failures) if 0 in pending or not pending else []
-    buffers: dict[int, dict] = {}
-    bar = tqdm(total=total, desc=f"{cfg.expert} -> {cfg.out.name}", unit="img", disable=not cfg.progress,
-               smoothing=0.1)
-    for rows, pixels, errors in loader:
-        for row, reason in errors.items():
-            if not cfg.skip_bad:
-                raise MedAlignError(f"bad image {plan.paths[row]}: {reason} (nothing was written for its "
-                                    "shard; pass --skip-bad to record and skip it)")
-        good = [r for r in rows if r not in errors]
-        sims = np.zeros((len(rows), tri_i.size), np.float32)
-        attns = np.zeros((len(rows), n), np.float32)
-        if pixels is not None:
-            with torch.inference_mode():
-                e_v, e_a = expert.encode(pixels.to(cfg.device, non_blocking=True))
-                sim, attn = teacher_signals(e_v, e_a, cfg.grid)
-                tri = sim[:, tri_i_t, tri_j_t]
-            pos = [rows.index(r) for r in good]
-            sims[pos] = tri.float().cpu().numpy()
-            attns[pos] = attn.float().cpu().numpy()
-        shard = rows[0] // writer.shard_size
-        buf = buffers.setdefault(shard, {"sims": {}, "attns": {}, "failures": [], "failed": set()})
-        for i, r in enumerate(rows):
-            buf["sims"][r], buf["attns"][r] = sims[i], attns[i]
-        for r, reason in errors.items():
-            buf["failed"].add(r)
-            rel = next((p for p, row in plan.index.items() if row == r), str(plan.paths[r]))
-            buf["failures"].append({"path": rel, "reason": reason, "key": plan.keys[r]})
-        bar.update(len(rows))
-        shard_rows = writer.shard_rows(shard)
-        if len(buf["sims"]) == len(shard_rows):
-            order = list(shard_rows)
-            failures = buf["failures"] + (plan_failures if shard == pending[0] else [])
-            writer.write_shard(shard, np.stack([buf["sims"][r] for r in order]),
-                               np.stack([buf["attns"][r] for r in order]), failures=failures,
-                               failed_rows=buf["failed"])
-            del buffers[shard]
+    n = writer.num_tokens
+    upper = torch.ones(n, n, dtype=torch.bool, device=cfg.device).triu()  # row-major = np.triu_indices order
+    tri_size = n * (n + 1) // 2
+    rel_of_row = {}
+    for rel, row in plan.index.items():
+        rel_of_row.setdefault(row, rel)
+    # Planning failures (missing / empty files) are recorded with shard 0.
+    plan_failures = list(plan.failures) if 0 in pending else []
+    buffers: dict[int, _ShardBuffer] = {}
+    in_flight: list[Future] = []
+    bar = tqdm(total=sum(len(writer.shard_rows(s)) for s in pending), desc=f"{cfg.expert} -> {cfg.out.name}",
+               unit="img", disable=not cfg.progress, smoothing=0.1)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
+        try:
+            for rows, pixels, errors in loader:
+                if errors and not cfg.skip_bad:
+                    row, reason = next(iter(errors.items()))
+                    raise MedAlignError(f"bad image {plan.paths[row]}: {reason} (nothing was written for its "
+                                        "shard; pass --skip-bad to record and skip it)")
+                shard = rows[0] // writer.shard_size
+                buf = buffers.get(shard) or buffers.setdefault(
+                    shard, _ShardBuffer(writer.shard_rows(shard), tri_size, n, writer.sim_dtype))
+                good = [r for r in rows if r not in errors]
+                if pixels is not None:
+                    with torch.inference_mode():
+                        e_v, e_a = expert.encode(pixels.to(cfg.device, non_blocking=True))
+                        sim, attn = teacher_signals(e_v, e_a, cfg.grid)
+                        tri = _encode_on_device(sim[:, upper], writer.sim_dtype)
+                    local = [r - buf.rows.start for r in good]
+                    buf.sim[local] = tri.cpu().numpy()
+                    buf.attn[local] = attn.float().cpu().numpy()
+                for r, reason in errors.items():
+                    buf.failed.add(r)
+                    buf.failures.append({"path": rel_of_row.get(r, str(plan.paths[r])), "reason": reason,
+                                         "key": plan.keys[r]})
+                buf.filled += len(rows)
+                bar.update(len(rows))
+                if buf.filled == len(buf.rows):
+                    del buffers[shard]
+                    failures = buf.failures + (plan_failures if shard == 0 else [])
+                    while len(in_flight) >= 2:
+                        in_flight.pop(0).result()
+                    in_flight.append(pool.submit(writer.write_shard, shard, buf.sim, buf.attn, failures=failures,
+                                                 failed_rows=buf.failed))
+            for fut in in_flight:
+                fut.result()
+        except BaseException:
+            for fut in in_flight:
+                fut.cancel()
+            raise
     bar.close()

@@ -77,9 +77,14 @@ def build(expert, weights, data, image_root, grid, student, geometry, out, stora
                       geometry=geometry, storage=storage, sim_dtype=sim_dtype, batch_size=batch_size,
                       num_workers=num_workers, device=device, resume=resume, skip_bad=skip_bad,
                       shard_size=shard_size, model_config=model_config)
-    manifest = build_cache(cfg)
+    stats: dict = {}
+    manifest = build_cache(cfg, stats)
     click.echo(f"cache written: {out} ({manifest.rows} images, grid {manifest.grid}x{manifest.grid}, "
                f"{len(manifest.failures)} failures)")
+    if stats.get("computed"):
+        click.echo(f"computed {stats['computed']} images in {stats['compute_s']:.1f}s "
+                   f"({stats['computed'] / max(stats['compute_s'], 1e-9):.1f} images/s; planning "
+                   f"{stats['plan_s']:.1f}s, loading the expert {stats['load_s']:.1f}s)")
     for f in manifest.failures[:10]:
         click.echo(f"  skipped {f['path']}: {f['reason']}")
 

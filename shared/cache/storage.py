@@ -22,8 +22,9 @@ STAGING = ".staging"
 
 def _blosc(dtype: str):
     from zarr.codecs import BloscCodec
-    # byte-shuffle helps float16/float32; for int8 it is a no-op so plain zstd is used.
-    return BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle" if dtype == "int8" else "shuffle")
+    # byte-shuffle helps float16/float32; for int8 it is a no-op so plain zstd is used. Level 3:
+    # 4% larger than level 5 on real S_e rows but ~2x faster, so compression keeps up with a GPU.
+    return BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle" if dtype == "int8" else "shuffle")
 
 
 class ZarrStorage:

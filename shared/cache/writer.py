@@ -36,7 +36,12 @@ def normalise_rel(path: str) -> str:
 
 
 def quantise_sim(tri: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 triangle values in [-1, 1] -> stored encoding (float16, or int8 = round(127 s))."""
+    """Triangle values in [-1, 1] -> stored encoding (float16, or int8 = round(127 s)).
+
+    Values already in the stored dtype (encoded on the device by the build) pass through.
+    """
+    if tri.dtype == np.dtype(dtype):
+        return tri
     if dtype == "float16":
         return tri.astype(np.float16)
     if dtype == "int8":
@@ -137,14 +142,18 @@ class CacheWriter:
 
     def write_shard(self, shard: int, sim: np.ndarray, attn: np.ndarray,
                     failures: list[dict[str, str]] | None = None, failed_rows: set[int] | None = None) -> None:
-        """Commit one shard. ``sim`` is (rows, N, N) full matrices or (rows, T) packed triangles, float."""
+        """Commit one shard. ``sim`` is (rows, N, N) full matrices or (rows, T) packed triangles, as floats
+        or already in the stored encoding."""
         rows = self.shard_rows(shard)
         if sim.ndim == 3:
             sim = pack_triangle(sim)
         if sim.shape != (len(rows), self.num_tokens * (self.num_tokens + 1) // 2) or attn.shape != (len(rows), self.num_tokens):
             raise ValueError(f"shard {shard}: got sim {sim.shape}, attn {attn.shape} for {len(rows)} rows")
         keys = [("" if failed_rows and r in failed_rows else self.keys[r]) for r in rows]
-        files = self.storage.write_shard(shard, rows.start, keys, quantise_sim(np.asarray(sim, np.float32), self.sim_dtype),
+        sim = np.asarray(sim)
+        if sim.dtype not in (np.float16, np.int8):
+            sim = sim.astype(np.float32, copy=False)
+        files = self.storage.write_shard(shard, rows.start, keys, quantise_sim(sim, self.sim_dtype),
                                          np.asarray(attn, np.float32))
         atomic_write_json(self._marker(shard), {"index": shard, "start": rows.start, "stop": rows.stop,
                                                 "files": files, "failures": failures or []})
