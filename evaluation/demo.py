@@ -45,7 +45,7 @@ def _run(tool: str, *args, log: Path) -> None:
     click.echo(f"  done in {time.perf_counter() - t0:.0f}s", err=True)
 
 
-def run_pipeline(out: Path, images: int = 24, steps: int = 40) -> dict[str, Path]:
+def run_pipeline(out: Path, images: int = 24, steps: int = 120) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "demo.log"
     log.write_text("")
@@ -66,7 +66,7 @@ def run_pipeline(out: Path, images: int = 24, steps: int = 40) -> dict[str, Path
         run_dir = out / "runs" / name
         common = ("--model", student, "--data", data["train"], "--image-root", data["images"], "--out", run_dir,
                   "--align-layer", "2", "--max-steps", steps, "--batch-size", "4", "--grad-accum", "1",
-                  "--lr", "2e-3", "--lora-r", "8", "--seed", "0", "--num-workers", "0")
+                  "--lr", "5e-3", "--lora-r", "16", "--seed", "0", "--num-workers", "0")
         if not (run_dir / "adapter_config.json").is_file():
             _run("medalign-train", *common, *extra, log=log)
         preds = out / "runs" / name / "preds.jsonl"
@@ -81,7 +81,7 @@ def run_pipeline(out: Path, images: int = 24, steps: int = 40) -> dict[str, Path
 @click.command()
 @click.option("--out", default="medalign-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--images", default=24, show_default=True, help="Number of generated scans.")
-@click.option("--steps", default=40, show_default=True, help="Optimizer steps per training run.")
+@click.option("--steps", default=120, show_default=True, help="Optimizer steps per training run.")
 def demo(out, images, steps):
     """Run all three stages on a generated dataset with tiny random-weight models (no downloads)."""
     paths = run_pipeline(out, images, steps)

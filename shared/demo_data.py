@@ -14,6 +14,10 @@ import numpy as np
 from PIL import Image
 
 
+#: What LLaVA-Med's prepared VQA files append to closed questions (train and test alike here).
+CLOSED_SUFFIX = " Please choose from the following two options: [yes, no]"
+
+
 def make_scans(root: str | Path, count: int, seed: int = 0) -> list[dict]:
     """Write ``count`` PNG scans of mixed sizes and modes under ``root``; returns their descriptions."""
     rng = np.random.default_rng(seed)
@@ -47,7 +51,8 @@ def vqa_records(scans: list[dict], start_id: int = 0) -> list[dict]:
                                        {"from": "gpt", "value": answer}]})
 
     for s in scans:
-        add(s["image"], "Is there a lesion in this image?", "no" if s["lesion"] is None else "yes", "CLOSED")
+        add(s["image"], f"Is there a lesion in this image?{CLOSED_SUFFIX}", "no" if s["lesion"] is None else "yes",
+            "CLOSED")
         if s["lesion"] is not None:
             add(s["image"], "Which side is the lesion on?", s["lesion"], "OPEN")
     return recs
