@@ -130,7 +130,7 @@ class _ShardFile:
     def _fd(self, shard: int) -> int:
         fd = self._fds.get(shard)
         if fd is None:
-            if len(self._fds) >= 32:
+            if len(self._fds) >= 256:
                 os.close(self._fds.pop(next(iter(self._fds))))
             fd = self._fds[shard] = os.open(self.root / "c" / str(shard) / "0", os.O_RDONLY)
         return fd
@@ -145,7 +145,7 @@ class _ShardFile:
             if int.from_bytes(raw[-4:], "little") != google_crc32c.value(raw[:-4]):
                 raise OSError(f"{self.root}/c/{shard}/0: shard index checksum mismatch (corrupt file)")
             index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.shard_rows, 2)
-            if len(self._indexes) >= 64:
+            if len(self._indexes) >= 256:
                 self._indexes.pop(next(iter(self._indexes)))
             self._indexes[shard] = index
         return index
