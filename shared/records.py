@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from shared.errors import MedAlignError
 
@@ -36,6 +36,27 @@ def read_json(path: str | Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise MedAlignError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+
+
+def read_jsonl(path: str | Path, what: str = "data file") -> Iterator[tuple[int, Any]]:
+    """Yield ``(line number, parsed value)`` for each non-blank line of a JSON-lines file.
+
+    A line that is not JSON raises :class:`MedAlignError` naming the file, line and column.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise MedAlignError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise MedAlignError(f"{path}: not UTF-8 text ({e})") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MedAlignError(f"{path}:{lineno}:{e.colno}: malformed JSON: {e.msg}") from None
 
 
 def load_records(path: str | Path) -> list[dict]:

@@ -8,12 +8,11 @@ strings in the other; both sides are compared as trimmed strings.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import MedAlignError
-from shared.records import load_records, record_id
+from shared.records import load_records, read_jsonl, record_id
 
 
 @dataclass(frozen=True)
@@ -56,20 +55,8 @@ def load_predictions(path: str | Path) -> dict[str, Prediction]:
     A ``text`` that is a number is cast with ``str()``; ``null`` becomes the empty string.
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise MedAlignError(f"prediction file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise MedAlignError(f"{path}: not UTF-8 text ({e})") from None
     preds: dict[str, Prediction] = {}
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MedAlignError(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})") from None
+    for lineno, obj in read_jsonl(path, "prediction file"):
         if not isinstance(obj, dict):
             raise MedAlignError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         if "question_id" not in obj:

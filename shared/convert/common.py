@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 from shared.errors import MedAlignError
 from shared.images import resolve_image_path
-from shared.records import IMAGE_PLACEHOLDER, read_json
+from shared.records import IMAGE_PLACEHOLDER, read_json, read_jsonl
 
 #: Split names written as ``<split>.json``; sources' own names are mapped onto these.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -255,19 +255,7 @@ def read_rows(path: str | Path) -> list[dict]:
 
 
 def _read_jsonl(path: Path) -> Iterable[Any]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise MedAlignError(f"data file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise MedAlignError(f"{path}: not UTF-8 text ({e})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MedAlignError(f"{path}:{lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+    return (obj for _, obj in read_jsonl(path))
 
 
 def find_split_files(folder: Path, stems: dict[str, str], suffixes=(".json", ".jsonl", ".csv")) -> dict[str, Path]:

@@ -155,7 +155,7 @@ def test_join_by_id_int_and_str_missing_extra(tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"question_id": 1, "text": "a"', "malformed JSON line"),
+    ('{"question_id": 1, "text": "a"', "malformed JSON"),
     ('[1, 2]', "expected a JSON object"),
     ('{"text": "a"}', "no 'question_id'"),
     ('{"question_id": 1}', "no 'text'"),
