@@ -64,7 +64,7 @@ def test_malformed_jsonl_is_a_clean_error(tmp_path, vqa_files):
     bad.write_text('{"question_id": 1, "text": "no"}\n{"question_id": 2, "text": \n')
     r = CliRunner().invoke(main, ["score", "--pred", str(bad), "--gt", str(gt), "--task", "vqa"])
     assert r.exit_code == 2
-    assert f"Error: {bad}:2: malformed JSON line" in r.stderr
+    assert f"Error: {bad}:2:28: malformed JSON" in r.stderr
     assert "Traceback" not in r.output
 
 
