@@ -218,7 +218,10 @@ def prepare_student(model: nn.Module, lora: LoraSettings, align: AlignConfig, tr
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant checkpointing of the decoder layers (keeps L_att's gradient; DESIGN.md 4)."""
     base = unwrap(model)
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
 
 
