@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from shared.errors import MedAlignError
+from shared.fileio import atomic_write_json
 from student_train.config import RESUMABLE_CHANGES, TrainConfig
 from student_train.data import (Collator, DataStats, RankSampler, Sample, TrainDataset, build_samples,
                                 load_image_processor)
@@ -50,12 +51,6 @@ def log(msg: str, rank: int = 0) -> None:
     if rank == 0:
         from tqdm import tqdm
         tqdm.write(msg)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- plan (validation)
@@ -404,7 +399,7 @@ class Recipe:
     def train(self) -> bool:
         """Run until ``total_steps`` (or ``--stop-after``); returns True when the run is complete."""
         cfg = self.cfg
-        ga, bs = cfg.optim.grad_accum, cfg.optim.batch_size
+        ga = cfg.optim.grad_accum
         stop_at = self.total_steps if cfg.run.stop_after is None else min(
             self.total_steps, self.global_step + cfg.run.stop_after)
         while self.global_step < stop_at:

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
 from shared.errors import MedAlignError
 

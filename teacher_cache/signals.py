@@ -11,7 +11,6 @@ bilinearly (``align_corners=False``) from g to G; when g == G no resampling happ
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

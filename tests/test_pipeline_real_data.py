@@ -7,7 +7,6 @@ expert and a tiny random-weight student; run with ``pytest -m slow``.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

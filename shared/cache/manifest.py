@@ -134,24 +134,3 @@ class Manifest:
         for s in self.sources:
             lines.append(f"source        {s.get('data')}: {s.get('records')} records, {s.get('images')} images")
         return "\n".join(lines)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so that readers see either the old content or the new, never a torn one."""
-    import os
-    import tempfile
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from shared.cache.manifest import (INDEX_NAME, INT8_SCALE, MANIFEST_NAME, STORAGES, SIM_DTYPES, Manifest,
-                                   atomic_write_json)
+from shared.cache.manifest import INDEX_NAME, INT8_SCALE, MANIFEST_NAME, STORAGES, SIM_DTYPES, Manifest
 from shared.cache.storage import STAGING, make_storage
 from shared.errors import MedAlignError
+from shared.fileio import atomic_write_json
 from shared.grid import pack_triangle
 
 PROGRESS = ".progress"

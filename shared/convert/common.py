@@ -16,14 +16,13 @@ next to the output as ``convert_stats.json``.
 from __future__ import annotations
 
 import csv
-import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from shared.errors import MedAlignError
+from shared.fileio import atomic_write_json
 from shared.images import resolve_image_path
 from shared.records import IMAGE_PLACEHOLDER, read_json, read_jsonl
 
@@ -210,19 +209,14 @@ def write_splits(out_dir: str | Path, splits: dict[str, list[dict]], stats: Conv
         recs = splits.get(split, [])
         for rec in recs:
             stats.keep(split, rec)
-        written.append(_write_json_atomic(out / f"{split}.json", recs))
+        written.append(atomic_write_json(out / f"{split}.json", recs))
     for split in SPLIT_ORDER:  # a split file left by an earlier conversion would be mistaken for ours
         if split not in names and (out / f"{split}.json").is_file():
             (out / f"{split}.json").unlink()
-    written.append(_write_json_atomic(out / "convert_stats.json", stats.to_json()))
+    written.append(atomic_write_json(out / "convert_stats.json", stats.to_json()))
     return written
 
 
-def _write_json_atomic(path: Path, obj: Any) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ Every model here is a tiny random-weight student (student_train.tiny), built onc
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
