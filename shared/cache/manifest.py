@@ -46,6 +46,7 @@ class Manifest:
     rows: int                        # number of rows (unique images)
     shard_size: int                  # rows per shard (the last shard may be shorter)
     shards: list[dict[str, Any]]     # [{"index", "start", "stop", "files": {relpath: sha256}}]
+    compression: str = ""            # codec of sim/attn chunks, e.g. "blosc zstd level 3, byte shuffle"
     failures: list[dict[str, str]] = field(default_factory=list)  # [{"path", "reason"}] (--skip-bad)
     sources: list[dict[str, Any]] = field(default_factory=list)   # [{"data", "records", "images"}]
     created: str = ""
@@ -126,7 +127,7 @@ class Manifest:
             f"grid          expert {self.patch_grid}x{self.patch_grid} -> student {self.grid}x{self.grid} "
             f"(N = {self.num_tokens})",
             f"encoding      sim {self.sim_dtype} packed triangle ({self.num_tokens * (self.num_tokens + 1) // 2} "
-            f"values/row), attn float32, storage {self.storage}",
+            f"values/row), attn float32, storage {self.storage}, {self.compression or 'compression not recorded'}",
             f"rows          {self.rows} in {len(self.shards)} shard(s) of up to {self.shard_size}",
             f"failures      {len(self.failures)}",
             f"created       {self.created} by medalign {self.tool_version} (format v{self.format_version})",

@@ -31,6 +31,7 @@ class ZarrStorage:
     """``CACHE/{key,sim,attn}/`` arrays in a Zarr v3 group with the sharding codec."""
 
     name = "zarr"
+    compression = "blosc zstd level 3 (byte shuffle for float16/float32), one chunk per row"
 
     def __init__(self, root: str | Path, rows: int, num_tokens: int, shard_size: int, sim_dtype: str):
         self.root = Path(root)
@@ -191,6 +192,7 @@ class Hdf5Storage:
     """``CACHE/shards/shard-NNNNN.h5``, each holding ``key``, ``sim``, ``attn`` for its rows."""
 
     name = "hdf5"
+    compression = "gzip level 4 with shuffle, one chunk per row"
 
     def __init__(self, root: str | Path, rows: int, num_tokens: int, shard_size: int, sim_dtype: str):
         self.root = Path(root)

@@ -180,6 +180,7 @@ class CacheWriter:
             expert=expert, arch=arch, weights_sha256=weights_sha256, token_mode=token_mode,
             preprocessing=preprocessing, layer=layer, patch_grid=patch_grid, grid=grid,
             storage=self.storage.name, sim_dtype=self.sim_dtype, rows=len(self.keys), shard_size=self.shard_size,
+            compression=self.storage.compression,
             shards=shards, failures=failures, sources=sources or [],
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), tool_version=_version())
         atomic_write_json(self.out / MANIFEST_NAME, manifest.to_json())
