@@ -106,7 +106,15 @@ def tiny_llava_config(
     vision_heads: int = 2,
     max_positions: int = 4096,
 ):
-    """The ``LlavaConfig`` of a tiny student (see :func:`save_tiny_llava` for the arguments)."""
+    """The ``LlavaConfig`` of a tiny student.
+
+    Args:
+        backbone: ``"llama"``, ``"mistral"`` or ``"qwen2"``.
+        vocab_size, image_token_id, pad_token_id, bos_token_id, eos_token_id: from the tokenizer.
+        image_size, patch_size: vision tower geometry; ``N = (image_size // patch_size) ** 2``.
+        hidden, layers, heads, kv_heads, intermediate, max_positions: language-model shape.
+        vision_hidden, vision_layers, vision_heads: CLIP vision tower shape.
+    """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, MistralConfig, Qwen2Config
 
     if backbone not in BACKBONES:
@@ -160,34 +168,24 @@ def save_tiny_llava(
     out_dir: str | Path,
     backbone: str = "llama",
     *,
-    image_size: int = 32,
-    patch_size: int = 8,
-    hidden: int = 64,
-    layers: int = 4,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int | None = None,
-    vision_hidden: int = 32,
-    vision_layers: int = 2,
-    vision_heads: int = 2,
     vocab_size: int = 400,
     template: str | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    **shape,
 ) -> Path:
     """Build and save a tiny random-weight LLaVA student; returns ``Path(out_dir)``.
 
     Args:
         out_dir: directory to write (created; existing files are overwritten).
         backbone: ``"llama"``, ``"mistral"`` or ``"qwen2"``.
-        image_size, patch_size: vision tower geometry; ``N = (image_size // patch_size) ** 2``.
-        hidden, layers, heads, kv_heads, intermediate: language-model shape.
-        vision_hidden, vision_layers, vision_heads: CLIP vision tower shape.
         vocab_size: BPE vocabulary target size (the 5 special tokens included).
         template: prompt template name for ``medalign.json`` (default per backbone:
             :data:`DEFAULT_TEMPLATES`).
         seed: weight initialisation seed (same seed -> identical weights).
         dtype: dtype of the saved weights.
+        **shape: the model's shape, as keywords of :func:`tiny_llava_config` (``image_size=32``,
+            ``patch_size=8``, ``hidden=64``, ``layers=4``, ``heads=4``, ``kv_heads=2``, ...).
     """
     from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
 
@@ -202,17 +200,9 @@ def save_tiny_llava(
         pad_token_id=ids["<pad>"],
         bos_token_id=ids["<s>"],
         eos_token_id=ids["</s>"],
-        image_size=image_size,
-        patch_size=patch_size,
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv_heads,
-        intermediate=intermediate,
-        vision_hidden=vision_hidden,
-        vision_layers=vision_layers,
-        vision_heads=vision_heads,
+        **shape,
     )
+    image_size = config.vision_config.image_size
     config.pad_token_id = ids["<pad>"]
     fork = torch.random.fork_rng(devices=[])
     with fork:
