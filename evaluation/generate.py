@@ -43,7 +43,8 @@ import torch
 
 from shared.errors import MedAlignError
 from shared.images import expand2square, load_image, mean_colour, resolve_image_path
-from shared.records import IMAGE_PLACEHOLDER, answer_type, load_records, question_text, record_id, record_image
+from shared.records import (IMAGE_PLACEHOLDER, answer_type, load_records, question_text, read_json, record_id,
+                            record_image)
 from student_train.templates import PromptTemplate, get_template, template_for_model
 
 DECODINGS = ("greedy", "beam", "nucleus")
@@ -247,24 +248,17 @@ def load_questions(data: str | Path, closed_suffix: str = "auto", limit: int | N
 # --------------------------------------------------------------------------- template
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise MedAlignError(f"cannot read {path}: {e}") from None
-
-
 def run_template_name(run_dir: str | Path) -> str | None:
     """The template a training run used: ``config.json``'s ``data.template``, else the resolved
     name in ``data_stats.json``; None when the run records neither."""
     run_dir = Path(run_dir)
     if (run_dir / "config.json").is_file():
-        cfg = _read_json(run_dir / "config.json")
+        cfg = read_json(run_dir / "config.json")
         name = (cfg.get("data") or {}).get("template") if isinstance(cfg, dict) else None
         if name:
             return str(name)
     if (run_dir / "data_stats.json").is_file():
-        stats = _read_json(run_dir / "data_stats.json")
+        stats = read_json(run_dir / "data_stats.json")
         name = stats.get("template") if isinstance(stats, dict) else None
         if name:
             return str(name)
@@ -515,7 +509,7 @@ def _teacher_identity(run_dir: str | Path | None) -> Any:
     if run_dir is None:
         return None
     p = Path(run_dir) / "teacher.json"
-    return _read_json(p) if p.is_file() else None
+    return read_json(p) if p.is_file() else None
 
 
 def model_id(model_dir: str | Path, run_dir: str | Path | None) -> str:

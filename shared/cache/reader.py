@@ -7,14 +7,13 @@ fork), and a read touches only the row asked for, so memory does not grow with t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from shared.cache.manifest import INDEX_NAME, Manifest
+from shared.cache.manifest import INDEX_NAME, MANIFEST_NAME, Manifest
 from shared.cache.storage import make_storage
 from shared.cache.writer import normalise_rel
 from shared.errors import MedAlignError
@@ -98,7 +97,7 @@ class CacheReader:
 
     def identity(self) -> dict:
         """Who taught a run: JSON-able, saved with every training run."""
-        digest = hashlib.sha256((self.path / "manifest.json").read_bytes()).hexdigest()
+        digest = sha256_file(self.path / MANIFEST_NAME)
         return {**self.manifest.identity(), "format": self.manifest.storage, "path": str(self.path.resolve()),
                 "manifest_sha256": digest, "rows": self.manifest.rows}
 

@@ -19,7 +19,7 @@ import csv
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from shared.errors import MedAlignError
 from shared.fileio import atomic_write_json
@@ -231,7 +231,7 @@ def read_rows(path: str | Path) -> list[dict]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return list(_read_jsonl(path))
+        return [obj for _, obj in read_jsonl(path)]
     if suffix == ".csv":
         try:
             with open(path, newline="", encoding="utf-8-sig") as f:
@@ -246,10 +246,6 @@ def read_rows(path: str | Path) -> list[dict]:
     if not isinstance(data, list):
         raise MedAlignError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
     return data
-
-
-def _read_jsonl(path: Path) -> Iterable[Any]:
-    return (obj for _, obj in read_jsonl(path))
 
 
 def find_split_files(folder: Path, stems: dict[str, str], suffixes=(".json", ".jsonl", ".csv")) -> dict[str, Path]:
