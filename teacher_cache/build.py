@@ -84,12 +84,9 @@ def plan_rows(cfg: BuildConfig) -> Plan:
     rels: dict[str, None] = {}
     for data in cfg.data:
         records = load_records(data)
-        images = {normalise_rel(img) for r in records if (img := record_image(r)) is not None}
+        images = dict.fromkeys(normalise_rel(img) for r in records if (img := record_image(r)) is not None)
         plan.sources.append({"data": str(data), "records": len(records), "images": len(images)})
-        for r in records:
-            img = record_image(r)
-            if img is not None:
-                rels.setdefault(normalise_rel(img), None)
+        rels.update(images)  # insertion order: first appearance across the files
     if not rels:
         raise MedAlignError("the --data files reference no images")
     key_row: dict[str, int] = {}
