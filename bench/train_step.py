@@ -158,11 +158,11 @@ class Runner:
             self.align = AlignConfig(layer=preset["align_layer"], alpha=1.0, beta=0.06)
         # the eager variant reads the attention from output_attentions: no capture installed
         prep = AlignConfig(layer=self.align.layer, alpha=1.0, beta=0.0) if variant == "eager" else self.align
-        self.model = prepare_student(model, LoraSettings(r=32, alpha=16, dropout=0.05), prep, train_projector=True)
+        self.model = prepare_student(model, LoraSettings(r=32, alpha=16, dropout=0.05), prep, train_projector=False)
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.model.train()
-        self.opt = torch.optim.AdamW(param_groups(self.model, 2e-4, 2e-5))
+        self.opt = torch.optim.AdamW(param_groups(self.model, 2e-4, 0.0))
         self.batch = make_batch(self.model, device, dtype)
 
     def sync(self):

@@ -11,7 +11,7 @@ import sys
 import click
 
 from shared.errors import MedAlignError
-from student_train.config import ATT_NORMS, TrainConfig, read_yaml_config
+from student_train.config import ATT_NORMS, DEFAULT_ATT_NORM, TrainConfig, read_yaml_config
 
 
 def _load_config(ctx: click.Context, _param, value):
@@ -42,13 +42,15 @@ def _load_config(ctx: click.Context, _param, value):
 @click.option("--alpha", type=float, default=1.0, help="Weight of L_vis (0: MedAlign-att ablation).")
 @click.option("--beta", type=float, default=0.06, help="Weight of L_att (0: MedAlign-vis ablation).")
 @click.option("--eps", type=float, default=1.0, help="Rotation scale: X~ = X + eps X W^T.")
-@click.option("--att-norm", type=click.Choice(ATT_NORMS), default="sum",
-              help="Distribution normalisation for L_att (sum; softmax = paper; l2 = reference code).")
+@click.option("--att-norm", type=click.Choice(ATT_NORMS), default=DEFAULT_ATT_NORM,
+              help="Normalisation for L_att (l2 = reference code and published runs; sum = a true KL, "
+                   "needs a much smaller beta; softmax = the paper's wording, near-uniform).")
 @click.option("--lora-r", type=int, default=32)
 @click.option("--lora-alpha", type=float, default=16)
 @click.option("--lora-dropout", type=float, default=0.05)
 @click.option("--lr", type=float, default=2e-4, help="Learning rate of LoRA and W.")
-@click.option("--projector-lr", type=float, default=2e-5, help="Learning rate of the projector (0 freezes it).")
+@click.option("--projector-lr", type=float, default=0.0,
+              help="Learning rate of the projector (0, the default: frozen, as the reference).")
 @click.option("--weight-decay", type=float, default=0.0)
 @click.option("--max-grad-norm", type=float, default=1.0, help="Gradient clipping (0 disables).")
 @click.option("--warmup-ratio", type=float, default=0.03)

@@ -14,7 +14,10 @@ from typing import Any
 
 from shared.errors import MedAlignError
 
-ATT_NORMS = ("sum", "softmax", "l2")
+#: How E_a and M_a are normalised before the KL (student_train/losses.py); the first is the default,
+#: the reference code's (what the published runs used).
+ATT_NORMS = ("l2", "sum", "softmax")
+DEFAULT_ATT_NORM = ATT_NORMS[0]
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> None:
@@ -80,7 +83,7 @@ class ModelArgs:
 
 @dataclass
 class AlignArgs:
-    """The MedAlign distillation: teacher cache, layer and loss weights (DESIGN.md section 1)."""
+    """The MedAlign distillation: teacher cache, layer and loss weights (docs/design.md section 1)."""
 
     cache: str | None = None
     """Teacher cache directory (``medalign-cache build``); not needed when alpha = beta = 0."""
@@ -92,8 +95,9 @@ class AlignArgs:
     """Weight of L_att (0: MedAlign-vis ablation; 0.03 for reports)."""
     eps: float = 1.0
     """Scale of the rotation: X~ = X + eps * X W^T."""
-    att_norm: str = "sum"
-    """How E_a and M_a become distributions: sum (default), softmax (paper), l2 (reference code)."""
+    att_norm: str = DEFAULT_ATT_NORM
+    """How E_a and M_a are normalised: l2 (default; the reference code and the published runs),
+    sum (a true KL; needs a much smaller beta), softmax (the paper's wording; near-uniform)."""
 
     def __post_init__(self):
         _positive("--alpha", self.alpha, allow_zero=True)
@@ -119,8 +123,9 @@ class OptimArgs:
 
     lr: float = 2e-4
     """Learning rate of the LoRA weights and W."""
-    projector_lr: float = 2e-5
-    """Learning rate of the multimodal projector (0 freezes it)."""
+    projector_lr: float = 0.0
+    """Learning rate of the multimodal projector; 0 (default) freezes it, as the reference does (its
+    ``mm_projector_lr`` is never read) and the paper says; > 0 trains it and saves it with the adapter."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0

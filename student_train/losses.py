@@ -1,22 +1,27 @@
-"""The two MedAlign distillation losses (DESIGN.md section 1, Eq. 3-5).
+"""The two MedAlign distillation losses (docs/design.md section 1, Eq. 3-5).
 
 Both average a per-sample term over the samples that have a teacher entry (``teacher_mask``).
 The empty case (no sample with a teacher entry, or for ``L_att`` no such sample with at least one
 query row) is an explicit zero that stays connected to the student's graph (``0 * pred.sum()``),
 so that every trainable parameter still receives a (zero) gradient, as DDP expects.
 
-``att_norm`` modes for ``L_att = KL(E || M) = sum_i E_i (log E_i - log M_i)`` (clamped at
-``clamp`` against log 0; terms with ``E_i = 0`` contribute 0):
+``att_norm`` modes for ``L_att`` (clamped at ``clamp`` against log 0; terms with ``E_i = 0``
+contribute 0):
 
-* ``sum`` (default): ``E = e / sum(e)``, ``M = m / sum(m)``: a true KL between distributions over
-  the N patches.
-* ``softmax`` (the paper's wording): ``E = softmax(e)``, ``M = softmax(m)``.
-* ``l2`` (the reference code): ``E = F.normalize(e)``, ``M = F.normalize(m)`` (unit L2 norm) and
-  ``F.kl_div(log(M), E, reduction='batchmean')`` on one sample's ``[1, N]`` row (the reference
-  trains with batch size 1), i.e. exactly ``sum_i E_i (log E_i - log M_i)`` with the unit-norm
-  vectors, which are not distributions; it is typically much smaller than ``sum``, which is why
-  the reference's beta is 0.03-0.1. With batch size B we compute it per sample and average over
-  the samples, so a batch gives the mean of the per-sample reference values.
+* ``l2`` (default: the reference code and the published runs): ``E = F.normalize(e)``,
+  ``M = F.normalize(m)`` (unit L2 norm, not distributions) and the reference's
+  ``F.kl_div(log(M), E, reduction='batchmean')`` on the 1-D ``[N]`` vectors
+  (``get_attention_map_loss`` in ``llava-med-1.5/llava/model_wrapper.py``). On a 1-D input
+  ``batchmean`` divides the sum by its only dimension, N, so the per-sample value is
+  ``(1/N) sum_i E_i (log E_i - log M_i)``; its optimum is M proportional to sqrt(E), not E
+  (docs/design.md section 1). The published beta (0.06 VQA, 0.03 reports) is for this scale.
+* ``sum``: ``E = e / sum(e)``, ``M = m / sum(m)`` and ``sum_i E_i (log E_i - log M_i)``: a true KL
+  between distributions over the N patches, hundreds of times larger than ``l2`` at N = 576, so it
+  needs a correspondingly smaller beta.
+* ``softmax`` (the paper's wording): ``E = softmax(e)``, ``M = softmax(m)``, then the KL; the
+  softmax of values of about 1/N is almost uniform, so the loss carries almost no signal.
+
+A batch gives the mean of the per-sample values (the reference trains with batch size 1).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ATT_NORMS = ("sum", "softmax", "l2")
+from student_train.config import ATT_NORMS, DEFAULT_ATT_NORM
 
 
 def _connected_zero(*tensors: torch.Tensor) -> torch.Tensor:
@@ -88,7 +93,7 @@ def att_loss(
     teacher_attn: torch.Tensor,
     teacher_mask: torch.Tensor,
     *,
-    mode: str = "sum",
+    mode: str = DEFAULT_ATT_NORM,
     clamp: float = 1e-8,
     rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -98,7 +103,7 @@ def att_loss(
         student_attn: [B, N] M_a, the head- and query-row-averaged attention to the visual keys.
         teacher_attn: [B, N] E_a, raw non-negative teacher attention (zeros without an entry).
         teacher_mask: [B] bool, samples with a teacher entry.
-        mode: ``sum``, ``softmax`` or ``l2``.
+        mode: ``l2`` (default), ``sum`` or ``softmax``.
         clamp: lower clamp before the logs.
         rows: optional [B] number of query rows per sample; samples with 0 rows are left out.
     Returns:
@@ -111,7 +116,10 @@ def att_loss(
         return _connected_zero(student_attn)
     e = normalise_attention(teacher_attn[keep], mode)
     m = normalise_attention(student_attn[keep], mode)
-    return kl_per_sample(e, m, clamp).mean()
+    per_sample = kl_per_sample(e, m, clamp)
+    if mode == "l2":  # the reference's batchmean on a 1-D [N] vector divides by N
+        per_sample = per_sample / e.shape[-1]
+    return per_sample.mean()
 
 
 class VisLoss(nn.Module):
@@ -124,7 +132,7 @@ class VisLoss(nn.Module):
 class AttLoss(nn.Module):
     """Module form of :func:`att_loss`: (M_a [B,N], E_a [B,N], mask [B], rows [B]?) -> []."""
 
-    def __init__(self, mode: str = "sum", clamp: float = 1e-8):
+    def __init__(self, mode: str = DEFAULT_ATT_NORM, clamp: float = 1e-8):
         super().__init__()
         if mode not in ATT_NORMS:
             raise ValueError(f"unknown att_norm {mode!r}; valid: {', '.join(ATT_NORMS)}")

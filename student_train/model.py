@@ -32,7 +32,8 @@ import torch.nn as nn
 from shared.errors import MedAlignError
 from student_train import alignment
 from student_train.alignment import get_handles, unwrap
-from student_train.losses import ATT_NORMS, att_loss, vis_loss
+from student_train.config import ATT_NORMS, DEFAULT_ATT_NORM
+from student_train.losses import att_loss, vis_loss
 
 ROTATION_WEIGHTS = "rotation.safetensors"
 ROTATION_CONFIG = "rotation.json"
@@ -41,7 +42,7 @@ PROJECTOR = "multi_modal_projector"
 
 @dataclass
 class AlignConfig:
-    """MedAlign's alignment settings (DESIGN.md section 1)."""
+    """MedAlign's alignment settings (docs/design.md section 1)."""
 
     layer: int = 20
     """0-based decoder layer l: W acts on layers[l-1]'s output, L_att reads layers[l]."""
@@ -51,8 +52,8 @@ class AlignConfig:
     """Weight of L_att."""
     eps: float = 1.0
     """Rotation scale in X~ = X + eps X W^T."""
-    att_norm: str = "sum"
-    """Normalisation of E_a and M_a before the KL: sum (default) | softmax (paper) | l2 (reference code)."""
+    att_norm: str = DEFAULT_ATT_NORM
+    """Normalisation of E_a and M_a before the KL: l2 (default; reference code) | sum | softmax (paper)."""
     att_clamp: float = 1e-8
     """Lower clamp against log 0 in the KL."""
 
@@ -216,7 +217,7 @@ def prepare_student(model: nn.Module, lora: LoraSettings, align: AlignConfig, tr
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant checkpointing of the decoder layers (keeps L_att's gradient; DESIGN.md 4)."""
+    """Non-reentrant checkpointing of the decoder layers (keeps L_att's gradient; docs/design.md 4)."""
     base = unwrap(model)
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

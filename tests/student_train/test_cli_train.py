@@ -93,6 +93,36 @@ def test_end_to_end_artefacts(setup, tmp_path):
     assert not list(out.rglob(".tmp*")) and not (out / ".final-tmp").exists()
 
 
+def test_projector_frozen_by_default_and_not_saved(setup, tmp_path):
+    """The reference freezes the projector (``mm_projector_lr`` is never read): by default it does
+    not move, is not in the optimizer, and is not saved with the adapter."""
+    from safetensors.torch import load_file
+
+    from student_train.model import load_student
+
+    out = tmp_path / "frozen"
+    res = invoke(base_args(setup, out, "--max-steps", "2", "--lr", "1e-2"))
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["optim"]["projector_lr"] == 0.0 and cfg["align"]["att_norm"] == "l2"
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert not any("multi_modal_projector" in k for k in saved)
+    assert any("lora_" in k for k in saved)
+    trained = load_file(str(out / "checkpoints" / "step-00000002" / "trainable.safetensors"))
+    assert not any("multi_modal_projector" in k for k in trained)
+    assert "projector_lr" not in read_log(out)[-1]
+    # the loaded run's projector is the base model's, bit for bit
+    from evaluation.generate import load_generator
+
+    base, _ = load_student(setup["model"])
+    gen = load_generator(setup["model"], out)
+    want = {k: p for k, p in base.named_parameters() if "multi_modal_projector" in k}
+    got = {k.split("multi_modal_projector.")[-1]: p for k, p in gen.model.named_parameters()
+           if "multi_modal_projector" in k}
+    want = {k.split("multi_modal_projector.")[-1]: p for k, p in want.items()}
+    assert len(want) == 4 and set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_plain_lora_needs_no_cache(setup, tmp_path):
     out = tmp_path / "lora"
     args = [a for a in base_args(setup, out, "--alpha", "0", "--beta", "0", "--max-steps", "1")]

@@ -35,9 +35,9 @@ def ref_normalise(x: list[float], mode: str) -> list[float]:
 def ref_kl(e_raw: list[float], m_raw: list[float], mode: str, clamp: float = 1e-8) -> float:
     e = ref_normalise(e_raw, mode)
     m = ref_normalise(m_raw, mode)
-    if mode == "l2":  # the reference code's call, on a [1, N] row
-        et = torch.tensor([e], dtype=torch.float64)
-        mt = torch.tensor([m], dtype=torch.float64)
+    if mode == "l2":  # the reference code's call, on the 1-D [N] vectors (batchmean divides by N)
+        et = torch.tensor(e, dtype=torch.float64)
+        mt = torch.tensor(m, dtype=torch.float64)
         return F.kl_div(torch.log(mt.clamp(min=clamp)), et, reduction="batchmean").item()
     return sum(ei * (math.log(max(ei, clamp)) - math.log(max(mi, clamp))) for ei, mi in zip(e, m) if ei > 0)
 
@@ -55,6 +55,44 @@ def ref_vis(x: torch.Tensor, s_e: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- unit tests
+
+
+def reference_attention_map_loss(attn_label: torch.Tensor, attn_pred: torch.Tensor) -> torch.Tensor:
+    """A transcription of MedAlign's ``get_attention_map_loss`` (llava-med-1.5/llava/model_wrapper.py)
+    after the query-row average: both [N] vectors L2-normalised, then ``kl_div(pred.log(), label,
+    reduction='batchmean')`` on the 1-D inputs, written out: sum_i E_i (log E_i - log M_i) / N."""
+    pred = attn_pred.double() / attn_pred.double().norm()
+    label = attn_label.double() / attn_label.double().norm()
+    total = torch.zeros((), dtype=torch.float64)
+    for e_i, m_i in zip(label, pred):
+        if e_i > 0:
+            total = total + e_i * (torch.log(e_i) - torch.log(m_i))
+    return total / attn_label.shape[0]  # batchmean on a 1-D input: the "batch" is its only dim, N
+
+
+@pytest.mark.parametrize("n", [36, 196, 576])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_l2_att_loss_equals_reference_get_attention_map_loss(n, batch):
+    g = torch.Generator().manual_seed(n + batch)
+    m = torch.softmax(torch.randn(batch, n, generator=g) * 2, dim=-1)  # student attention rows
+    e = torch.rand(batch, n, generator=g) ** 3  # raw teacher attention, not normalised
+    got = att_loss(m, e, torch.ones(batch, dtype=torch.bool), mode="l2").item()
+    want = sum(reference_attention_map_loss(e[i], m[i]).item() for i in range(batch)) / batch
+    assert got == pytest.approx(want, rel=1e-6)
+    # the old value (no 1/N) was N times larger: this test pins the scale
+    assert not got == pytest.approx(want * n, rel=1e-2)
+
+
+def test_default_att_norm_is_the_reference_l2():
+    from student_train.config import AlignArgs
+    from student_train.losses import AttLoss
+
+    assert AlignArgs(cache="c").att_norm == "l2" and AlignConfig().att_norm == "l2" and AttLoss().mode == "l2"
+    g = torch.Generator().manual_seed(0)
+    m, e = torch.rand(2, 36, generator=g), torch.rand(2, 36, generator=g)
+    mask = torch.ones(2, dtype=torch.bool)
+    assert att_loss(m, e, mask).item() == pytest.approx(att_loss(m, e, mask, mode="l2").item())
+
 
 
 def test_vis_loss_matches_loop():
@@ -96,7 +134,7 @@ def test_normalise_attention_modes():
     assert normalise_attention(x, "sum").tolist() == [[0.25, 0.75]]
     assert normalise_attention(x, "l2").norm().item() == pytest.approx(1.0)
     assert normalise_attention(x, "softmax").sum().item() == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="valid: sum, softmax, l2"):
+    with pytest.raises(ValueError, match="valid: l2, sum, softmax"):
         normalise_attention(x, "max")
 
 

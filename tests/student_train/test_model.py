@@ -247,7 +247,7 @@ def test_align_layer_out_of_range(tiny_llama_dir):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"att_norm": "max"}, "valid: sum, softmax, l2"), ({"alpha": -1.0}, ">= 0"), ({"att_clamp": 0.0}, "> 0")],
+    [({"att_norm": "max"}, "valid: l2, sum, softmax"), ({"alpha": -1.0}, ">= 0"), ({"att_clamp": 0.0}, "> 0")],
 )
 def test_align_config_validation(kwargs, match):
     with pytest.raises(MedAlignError, match=match):
