@@ -81,7 +81,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.questions)]
     pixels = torch.randn(args.questions, 3, size, size, generator=g)
-    dec = FixedLength(max_new_tokens=args.new_tokens)
+    dec = FixedLength(mode="greedy", max_new_tokens=args.new_tokens)
 
     def run(bs: int) -> float:
         if args.device.startswith("cuda"):

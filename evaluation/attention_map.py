@@ -137,7 +137,7 @@ def attention_figure(gen, image_path: str | Path, question: str, *, layer: int, 
 
     pixels = image_pixels(gen.image_processor, image_path, gen.background)[None]
     attn, rows = question_attention(gen, question, pixels, layer)
-    answer = generate_answers(gen, [question], pixels, DecodingConfig(max_new_tokens=max_new_tokens))[0]
+    answer = generate_answers(gen, [question], pixels, DecodingConfig(mode="greedy", max_new_tokens=max_new_tokens))[0]
     g = int(round(math.sqrt(attn.shape[0])))
     if g * g != attn.shape[0]:
         raise MedAlignError(f"{attn.shape[0]} image tokens do not form a square grid")

@@ -32,6 +32,7 @@ and resumes after the last id written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -50,6 +51,27 @@ from student_train.templates import PromptTemplate, get_template, template_for_m
 DECODINGS = ("greedy", "beam", "nucleus")
 CLOSED_SUFFIX_MODES = ("auto", "always", "never")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: ``--dtype auto`` / ``--max-new-tokens auto`` resolve per student family (:func:`student_family`).
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class StudentFamily:
+    """The reference's evaluation settings for one student family (MedAlign ``llava/eval/model_vqa.py``)."""
+
+    name: str
+    max_new_tokens: int
+    """``max_new_tokens`` of the reference's beam and greedy runs."""
+    cuda_dtype: str
+    """The half precision the reference evaluates in on CUDA (float32 on CPU)."""
+
+
+#: LLaVA-Med-1.5 (``llava-med-1.5/llava/eval/model_vqa.py``: fp16, 1024 new tokens) and
+#: HuatuoGPT-Vision (``huatuoGPT_V/llava/eval/model_vqa.py``: bf16, 128 new tokens), by the student's
+#: language backbone.
+FAMILIES = {"llava-med": StudentFamily("llava-med", 1024, "float16"),
+            "huatuo": StudentFamily("huatuo", 128, "bfloat16")}
+BACKBONE_FAMILY = {"llama": "llava-med", "mistral": "llava-med", "qwen2": "huatuo"}
 
 #: LLaVA-Med's answer-options suffix for closed (yes/no) questions. LLaVA-Med's evaluation script
 #: (``llava/eval/model_vqa.py``) adds nothing itself: the suffix is part of the question text of
@@ -66,16 +88,17 @@ _HAS_OPTIONS = re.compile(r"please choose from the following", re.IGNORECASE)
 class DecodingConfig:
     """How answers are decoded (``model.generate`` settings)."""
 
-    mode: str = "greedy"
-    """greedy (do_sample False, 1 beam) | beam (num_beams, no sampling) | nucleus (sampling with top_p, temperature)."""
+    mode: str = "beam"
+    """beam (default, as the paper and the reference: num_beams, no sampling) | greedy (do_sample False,
+    1 beam; the reference's scripts report it too) | nucleus (sampling with top_p, temperature)."""
     num_beams: int = 5
     """Beams for ``beam``."""
     top_p: float = 0.9
     """Nucleus mass for ``nucleus``."""
     temperature: float = 1.0
     """Softmax temperature for ``nucleus``."""
-    max_new_tokens: int = 128
-    """Longest answer in tokens."""
+    max_new_tokens: int | str = AUTO
+    """Longest answer in tokens; ``auto``: the student family's (LLaVA-Med 1024, HuatuoGPT 128)."""
     seed: int = 0
     """Seed of the sampling (each batch is seeded with ``seed + batch index``)."""
 
@@ -88,16 +111,31 @@ class DecodingConfig:
             raise MedAlignError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not float(self.temperature) > 0:
             raise MedAlignError(f"--temperature must be > 0, got {self.temperature}")
-        if int(self.max_new_tokens) < 1:
-            raise MedAlignError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens != AUTO:
+            try:
+                self.max_new_tokens = int(self.max_new_tokens)
+            except (TypeError, ValueError):
+                raise MedAlignError(f"--max-new-tokens must be an integer or auto, got {self.max_new_tokens!r}") from None
+            if self.max_new_tokens < 1:
+                raise MedAlignError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+
+    def resolved(self, family: StudentFamily) -> "DecodingConfig":
+        """A copy with ``max_new_tokens: auto`` replaced by the family's value."""
+        if self.max_new_tokens != AUTO:
+            return self
+        return dataclasses.replace(self, max_new_tokens=family.max_new_tokens)
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``model.generate`` (only those the mode uses)."""
+        if self.max_new_tokens == AUTO:
+            raise MedAlignError("max_new_tokens 'auto' must be resolved for the student first (DecodingConfig.resolved)")
         kw: dict[str, Any] = {"max_new_tokens": int(self.max_new_tokens)}
         if self.mode == "greedy":
             kw.update(do_sample=False, num_beams=1)
         elif self.mode == "beam":
-            kw.update(do_sample=False, num_beams=int(self.num_beams), early_stopping=True)
+            # no early_stopping, as the reference passes none: the model's generation config decides
+            # (transformers' default False: stop when no running beam can beat the finished ones)
+            kw.update(do_sample=False, num_beams=int(self.num_beams))
         else:
             kw.update(do_sample=True, num_beams=1, top_p=float(self.top_p), top_k=0,
                       temperature=float(self.temperature))
@@ -105,7 +143,7 @@ class DecodingConfig:
 
     def to_json(self) -> dict[str, Any]:
         """The settings that matter for the mode (written into every line's metadata)."""
-        d: dict[str, Any] = {"decoding": self.mode, "max_new_tokens": int(self.max_new_tokens)}
+        d: dict[str, Any] = {"decoding": self.mode, "max_new_tokens": self.max_new_tokens}
         if self.mode == "beam":
             d["num_beams"] = int(self.num_beams)
         if self.mode == "nucleus":
@@ -133,8 +171,9 @@ class GenerateConfig:
     """Questions per ``generate`` call."""
     device: str = "auto"
     """auto (cuda when available) | cpu | cuda | cuda:K."""
-    dtype: str = "float32"
-    """float32 | bfloat16 | float16."""
+    dtype: str = AUTO
+    """auto (the reference's: on CUDA float16 for LLaVA-Med, bfloat16 for HuatuoGPT; float32 on CPU) |
+    float32 | bfloat16 | float16."""
     template: str | None = None
     """Prompt template name when neither the run nor the model records one."""
     limit: int | None = None
@@ -151,8 +190,16 @@ class GenerateConfig:
             raise MedAlignError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.limit is not None and int(self.limit) < 1:
             raise MedAlignError(f"--limit must be >= 1, got {self.limit}")
-        if self.dtype not in DTYPES:
-            raise MedAlignError(f"unknown --dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
+        if self.dtype != AUTO and self.dtype not in DTYPES:
+            raise MedAlignError(f"unknown --dtype {self.dtype!r}; valid: {AUTO}, {', '.join(DTYPES)}")
+
+    def resolved(self, family: StudentFamily, device: torch.device) -> "GenerateConfig":
+        """A copy with every ``auto`` replaced: the family's ``max_new_tokens``, and its half precision
+        on CUDA (float32 on CPU, where half precision is slow and not what anyone evaluates with)."""
+        dtype = self.dtype
+        if dtype == AUTO:
+            dtype = family.cuda_dtype if device.type == "cuda" else "float32"
+        return dataclasses.replace(self, dtype=dtype, decoding=self.decoding.resolved(family))
         if self.closed_suffix not in CLOSED_SUFFIX_MODES:
             raise MedAlignError(f"unknown --closed-suffix {self.closed_suffix!r}; valid: {', '.join(CLOSED_SUFFIX_MODES)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -165,6 +212,17 @@ def resolve_device(flag: str) -> torch.device:
     if flag.startswith("cuda") and not torch.cuda.is_available():
         raise MedAlignError(f"--device {flag}: CUDA is not available on this machine")
     return torch.device(flag)
+
+
+def student_family(model_dir: str | Path) -> StudentFamily:
+    """The family whose reference evaluation settings apply, by the language backbone in the
+    student's ``config.json`` (``text_config.model_type``): qwen2 -> HuatuoGPT, else LLaVA-Med."""
+    try:
+        cfg = read_json(Path(model_dir) / "config.json")
+    except MedAlignError:
+        cfg = {}
+    backbone = (cfg.get("text_config") or {}).get("model_type") if isinstance(cfg, dict) else None
+    return FAMILIES[BACKBONE_FAMILY.get(backbone, "llava-med")]
 
 
 # --------------------------------------------------------------------------- questions
@@ -577,6 +635,9 @@ def run_generate(cfg: GenerateConfig, *, log: Callable[[str], None] = print, pro
     if cfg.adapter is not None and not (Path(cfg.adapter) / "adapter_config.json").is_file():
         raise MedAlignError(f"--adapter {cfg.adapter} holds no PEFT adapter (adapter_config.json missing)")
     template, _ = resolve_template(cfg.model, cfg.adapter, cfg.template)
+    device = resolve_device(cfg.device)
+    family = student_family(cfg.model)
+    cfg = cfg.resolved(family, device)
     mid = model_id(cfg.model, cfg.adapter)
     meta = run_metadata(cfg, template.name)
     out = Path(cfg.out)
@@ -601,11 +662,13 @@ def run_generate(cfg: GenerateConfig, *, log: Callable[[str], None] = print, pro
         log(f"{out}: all {len(questions)} questions already answered")
         return summary
 
-    device = resolve_device(cfg.device)
     gen = load_generator(cfg.model, cfg.adapter, template=cfg.template, dtype=DTYPES[cfg.dtype], device=device,
                          trust_remote_code=cfg.trust_remote_code)
     log(f"model {mid} on {device} ({cfg.dtype}); template {gen.template.name} ({gen.template_source}); "
-        f"{gen.num_image_tokens} image tokens; decoding {cfg.decoding.mode}; batch {cfg.batch_size}")
+        f"{gen.num_image_tokens} image tokens; decoding {cfg.decoding.mode}"
+        f"{f' ({cfg.decoding.num_beams} beams)' if cfg.decoding.mode == 'beam' else ''}, "
+        f"max {cfg.decoding.max_new_tokens} new tokens ({family.name} default: {family.max_new_tokens}); "
+        f"batch {cfg.batch_size}")
     bar = None
     if progress:
         from tqdm import tqdm
@@ -644,7 +707,7 @@ def _check_first_line(out: Path, mid: str, meta: dict) -> None:
 
 
 __all__ = [
-    "CLOSED_SUFFIX", "DecodingConfig", "GenerateConfig", "Question", "Generator", "ResumeState",
+    "CLOSED_SUFFIX", "DecodingConfig", "GenerateConfig", "StudentFamily", "FAMILIES", "student_family", "Question", "Generator", "ResumeState",
     "with_closed_suffix", "load_questions", "run_template_name", "resolve_template", "load_generator",
     "encode_prompt", "left_pad", "image_pixels", "generate_ids", "generate_answers", "prepare_output", "append_lines",
     "batches_to_run", "run_generate", "model_id", "run_metadata",

@@ -24,18 +24,22 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
               help="Directory the records' image paths are relative to.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Answer file (JSONL). An existing file is resumed: ids already in it are skipped.")
-@click.option("--decoding", type=click.Choice(DECODINGS), default="greedy", show_default=True)
+@click.option("--decoding", type=click.Choice(DECODINGS), default="beam", show_default=True,
+              help="beam: the paper's and the reference's default; greedy: the reference's other reported run.")
 @click.option("--num-beams", type=int, default=5, show_default=True, help="Beams for --decoding beam.")
 @click.option("--top-p", type=float, default=0.9, show_default=True, help="Nucleus mass for --decoding nucleus.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="For --decoding nucleus.")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--max-new-tokens", default="auto", show_default=True,
+              help="Longest answer; auto: the reference's per student family (LLaVA-Med 1024, HuatuoGPT 128).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (batch k uses seed + k).")
 @click.option("--template", default=None,
               help="Prompt template when the run does not record one (default: medalign.json, else by backbone).")
 @click.option("--limit", type=int, default=None, help="Only the first K records.")
-@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(("auto", *DTYPE_NAMES)), default="auto", show_default=True,
+              help="auto: the reference's half precision on CUDA (LLaVA-Med float16, HuatuoGPT bfloat16), "
+                   "float32 on CPU.")
 @click.option("--closed-suffix", type=click.Choice(CLOSED_SUFFIX_MODES), default="auto", show_default=True,
               help="auto: append ' Please choose from the following two options: [yes, no]' to CLOSED "
                    "questions as LLaVA-Med's test files do; always; never.")

@@ -124,7 +124,7 @@ def test_cli_attention_writes_figure(student, w_run, image, tmp_path):
     gen = G.load_generator(student, run_dir)
     px = G.image_pixels(gen.image_processor, image, gen.background)[None]
     np.testing.assert_allclose(m["attn"], A.question_attention(gen, QUESTION, px, LAYER)[0], rtol=1e-5)
-    assert m["answer"] == G.generate_answers(gen, [QUESTION], px, G.DecodingConfig(max_new_tokens=6))[0]
+    assert m["answer"] == G.generate_answers(gen, [QUESTION], px, G.DecodingConfig(mode="greedy", max_new_tokens=6))[0]
     r = CliRunner().invoke(main, ["attention", "--model", str(student), "--image", str(image), "--question", "q?",
                                   "--out", str(fig), "--layer", "9", "--device", "cpu"])
     assert r.exit_code == 2 and "--layer 9 is out of range" in r.output

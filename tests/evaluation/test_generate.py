@@ -187,14 +187,65 @@ def test_template_resolution(student, zero_run, tmp_path):
 def test_decoding_kwargs():
     from shared.errors import MedAlignError
 
-    assert G.DecodingConfig().generate_kwargs() == {"max_new_tokens": 128, "do_sample": False, "num_beams": 1}
-    b = G.DecodingConfig(mode="beam", num_beams=3).generate_kwargs()
+    assert G.DecodingConfig(mode="greedy", max_new_tokens=128).generate_kwargs() == {
+        "max_new_tokens": 128, "do_sample": False, "num_beams": 1}
+    b = G.DecodingConfig(mode="beam", num_beams=3, max_new_tokens=8).generate_kwargs()
     assert b["num_beams"] == 3 and b["do_sample"] is False
-    n = G.DecodingConfig(mode="nucleus", top_p=0.8, temperature=0.7).generate_kwargs()
+    n = G.DecodingConfig(mode="nucleus", top_p=0.8, temperature=0.7, max_new_tokens=8).generate_kwargs()
     assert (n["do_sample"], n["top_p"], n["temperature"], n["top_k"]) == (True, 0.8, 0.7, 0)
     for bad in (dict(mode="sample"), dict(top_p=0), dict(temperature=0), dict(num_beams=0)):
         with pytest.raises(MedAlignError):
             G.DecodingConfig(**bad)
+
+
+def test_defaults_are_the_reference_evaluation(tmp_path):
+    """Beam search with 5 beams and no early_stopping (the reference passes none), max_new_tokens and
+    half precision per student family (LLaVA-Med: 1024, float16; HuatuoGPT: 128, bfloat16; on CUDA)."""
+    from shared.errors import MedAlignError
+
+    dec = G.DecodingConfig()
+    assert (dec.mode, dec.num_beams, dec.max_new_tokens) == ("beam", 5, "auto")
+    with pytest.raises(MedAlignError, match="resolved"):
+        dec.generate_kwargs()
+    for backbone, (tokens, half) in {"llama": (1024, "float16"), "mistral": (1024, "float16"),
+                                     "qwen2": (128, "bfloat16")}.items():
+        d = tmp_path / backbone
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "llava", "text_config": {"model_type": backbone}}))
+        fam = G.student_family(d)
+        kw = dec.resolved(fam).generate_kwargs()
+        assert kw == {"max_new_tokens": tokens, "do_sample": False, "num_beams": 5}  # no early_stopping
+        cfg = G.GenerateConfig(model=str(d), data="t.json", image_root=".", out="o.jsonl")
+        assert cfg.dtype == "auto"
+        assert cfg.resolved(fam, torch.device("cuda")).dtype == half
+        on_cpu = cfg.resolved(fam, torch.device("cpu"))
+        assert on_cpu.dtype == "float32" and on_cpu.decoding.max_new_tokens == tokens
+        # explicit settings win over the family's
+        explicit = G.GenerateConfig(model=str(d), data="t.json", image_root=".", out="o.jsonl", dtype="float32",
+                                    decoding=G.DecodingConfig(mode="greedy", max_new_tokens=7))
+        r = explicit.resolved(fam, torch.device("cuda"))
+        assert (r.dtype, r.decoding.mode, r.decoding.max_new_tokens) == ("float32", "greedy", 7)
+    with pytest.raises(MedAlignError, match="integer or auto"):
+        G.DecodingConfig(max_new_tokens="many")
+
+
+def test_cli_defaults_write_beam_metadata(student, dataset, tmp_path):
+    """``medalign-eval generate`` with no decoding flags answers with 5-beam search, and the line's
+    metadata records the resolved settings (a resumed file is compared against those)."""
+    from click.testing import CliRunner
+
+    from evaluation.cli import main
+
+    data, root = dataset
+    out = tmp_path / "beam.jsonl"
+    res = CliRunner().invoke(main, ["generate", "--model", str(student), "--data", str(data), "--image-root",
+                                    str(root), "--out", str(out), "--limit", "2", "--device", "cpu",
+                                    "--max-new-tokens", "6"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    meta = [json.loads(x)["metadata"] for x in out.read_text().splitlines()]
+    assert len(meta) == 2 and all(m["decoding"] == "beam" and m["num_beams"] == 5 and m["max_new_tokens"] == 6
+                                  and m["dtype"] == "float32" for m in meta)
+    assert "5 beams" in res.output and "llava-med default: 1024" in res.output
 
 
 # --------------------------------------------------------------------------- generation
@@ -209,13 +260,30 @@ def test_batched_equals_one_by_one_greedy(student, dataset):
     lens = [len(G.encode_prompt(gen.tokenizer, gen.template, q, gen.image_token_id, 16, add_bos=True)[0]) for q in qs]
     assert len(set(lens)) == 3
     px = _pixels(gen, root, ["img0.png", "img1.png", "img2.png"])
-    dec = G.DecodingConfig(max_new_tokens=12)
+    dec = G.DecodingConfig(mode="greedy", max_new_tokens=12)
     batched = G.generate_ids(gen, qs, px, dec)
     single = [G.generate_ids(gen, [q], px[i:i + 1], dec)[0] for i, q in enumerate(qs)]
     assert batched == single
     assert all(len(x) > 0 for x in batched)
     # and the greedy tokens are the argmax of an independent no-cache forward, step by step
     assert single[2] == _manual_greedy(gen.model, gen, qs[2], px[2:3], 12)
+
+
+def test_batched_equals_one_by_one_beam(student, dataset):
+    """The default decoding (5 beams, no early stopping), LEFT-padded batch of 3 prompts of different
+    lengths: the same answers as one question at a time."""
+    _, root = dataset
+    gen = G.load_generator(student)
+    qs = ["Is there a mass?", "Where is the lesion located in the left upper lobe of the lung and is it a mass?",
+          "CT?"]
+    px = _pixels(gen, root, ["img0.png", "img1.png", "img2.png"])
+    dec = G.DecodingConfig(mode="beam", num_beams=5, max_new_tokens=12)
+    batched = G.generate_ids(gen, qs, px, dec)
+    single = [G.generate_ids(gen, [q], px[i:i + 1], dec)[0] for i, q in enumerate(qs)]
+    assert batched == single and all(len(x) > 0 for x in batched)
+    greedy = [G.generate_ids(gen, [q], px[i:i + 1], G.DecodingConfig(mode="greedy", max_new_tokens=12))[0]
+              for i, q in enumerate(qs)]
+    assert greedy != single  # beam search is not greedy here, so the comparison means something
 
 
 def _manual_greedy(model, gen, question, px, steps, rotation=None):
@@ -263,7 +331,7 @@ def test_zero_adapter_equals_base(student, zero_run, dataset):
     run = G.load_generator(student, zero_run)
     qs = ["Is there a mass?", "What organ is shown in this image?"]
     px = _pixels(base, root, ["img0.png", "img3.png"])
-    dec = G.DecodingConfig(max_new_tokens=10)
+    dec = G.DecodingConfig(mode="greedy", max_new_tokens=10)
     assert G.generate_ids(run, qs, px, dec) == G.generate_ids(base, qs, px, dec)
 
 
@@ -276,7 +344,7 @@ def test_rotation_applied_at_prefill(student, w_run, dataset):
     run = G.load_generator(student, run_dir)
     qs = ["Is there a mass?", "What organ is shown in this image?", "Are the kidneys enlarged?"]
     px = _pixels(base, root, ["img0.png", "img1.png", "img4.png"])
-    dec = G.DecodingConfig(max_new_tokens=10)
+    dec = G.DecodingConfig(mode="greedy", max_new_tokens=10)
     with_w = G.generate_ids(run, qs, px, dec)
     without = G.generate_ids(base, qs, px, dec)
     assert with_w != without
@@ -333,7 +401,7 @@ def test_resume_after_partial_line_equals_uninterrupted(student, zero_run, datas
 def test_output_lines(student, w_run, dataset, tmp_path):
     run_dir, _ = w_run
     out = tmp_path / "p.jsonl"
-    G.run_generate(_cfg(student, dataset, out, adapter=str(run_dir), decoding=G.DecodingConfig(max_new_tokens=4)),
+    G.run_generate(_cfg(student, dataset, out, adapter=str(run_dir), decoding=G.DecodingConfig(mode="greedy", max_new_tokens=4)),
                    log=lambda m: None, progress=False)
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["question_id"] for r in rows] == [10, "a11", 12, 13, "14"]
