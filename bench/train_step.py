@@ -131,7 +131,7 @@ def eager_losses(model, batch, align):
     )
     bsz, n = batch["teacher_attn"].shape
     vis = vis_loss(handles.state.rotated.view(bsz, n, -1), batch["teacher_sim"], batch["teacher_mask"])
-    probs = out.attentions[align.layer].float().mean(1)  # [B, T, T]
+    probs = out.attentions[align.align_layer].float().mean(1)  # [B, T, T]
     vis_mask = batch["input_ids"] == model.config.image_token_id
     m_a = torch.stack(
         [probs[b][batch["query_mask"][b]][:, vis_mask[b]].mean(0) for b in range(bsz)]
@@ -144,7 +144,8 @@ class Runner:
     """One variant's model, optimizer and batch; ``step()`` runs forward + backward + AdamW."""
 
     def __init__(self, variant: str, preset_name: str, device: str, gradient_checkpointing: bool):
-        from student_train.model import AlignConfig, LoraSettings, enable_gradient_checkpointing
+        from student_train.config import AlignArgs, LoraArgs
+        from student_train.model import enable_gradient_checkpointing
         from student_train.model import param_groups, prepare_student
 
         preset = PRESETS[preset_name]
@@ -153,12 +154,12 @@ class Runner:
         torch.manual_seed(0)
         model = build_model(preset, "eager" if variant == "eager" else "sdpa", dtype, device)
         if variant == "plain":
-            self.align = AlignConfig(layer=preset["align_layer"], alpha=0.0, beta=0.0)
+            self.align = AlignArgs(align_layer=preset["align_layer"], alpha=0.0, beta=0.0)
         else:
-            self.align = AlignConfig(layer=preset["align_layer"], alpha=1.0, beta=0.06)
+            self.align = AlignArgs(align_layer=preset["align_layer"], alpha=1.0, beta=0.06)
         # the eager variant reads the attention from output_attentions: no capture installed
-        prep = AlignConfig(layer=self.align.layer, alpha=1.0, beta=0.0) if variant == "eager" else self.align
-        self.model = prepare_student(model, LoraSettings(r=32, alpha=16, dropout=0.05), prep, train_projector=False)
+        prep = AlignArgs(align_layer=self.align.align_layer, alpha=1.0, beta=0.0) if variant == "eager" else self.align
+        self.model = prepare_student(model, LoraArgs(lora_r=32, lora_alpha=16, lora_dropout=0.05), prep, train_projector=False)
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.model.train()

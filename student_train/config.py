@@ -8,7 +8,8 @@ or underscores); :meth:`TrainConfig.from_flat` sorts the keys into the groups an
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ from shared.errors import MedAlignError
 #: the reference code's (what the published runs used).
 ATT_NORMS = ("l2", "sum", "softmax")
 DEFAULT_ATT_NORM = ATT_NORMS[0]
+
+#: Field metadata of the settings without a usable default (the CLI shows them as [required]).
+REQUIRED = {"required": True}
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> None:
@@ -31,9 +35,9 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 class DataArgs:
     """Where the training samples come from and how they are turned into tokens."""
 
-    data: str = ""
+    data: str = field(default="", metadata=REQUIRED)
     """LLaVA-style JSON list of training records."""
-    image_root: str = ""
+    image_root: str = field(default="", metadata=REQUIRED)
     """Directory the records' ``image`` paths are relative to."""
     template: str | None = None
     """Prompt template name; default: the model's ``medalign.json``, else by backbone."""
@@ -57,16 +61,10 @@ class DataArgs:
 class ModelArgs:
     """The student, its LoRA adapter and how it runs."""
 
-    model: str = ""
+    model: str = field(default="", metadata=REQUIRED)
     """HF-format LLaVA student directory (``LlavaForConditionalGeneration``)."""
     trust_remote_code: bool = False
     """Allow custom modelling code from the model directory (off unless asked for)."""
-    lora_r: int = 32
-    """LoRA rank."""
-    lora_alpha: float = 16
-    """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA input."""
     bf16: bool = False
     """Load the frozen weights in bfloat16 and autocast to bfloat16 (trainable weights stay fp32)."""
     gradient_checkpointing: bool = False
@@ -75,6 +73,21 @@ class ModelArgs:
     def __post_init__(self):
         if not self.model:
             raise MedAlignError("--model is required")
+
+
+@dataclass
+class LoraArgs:
+    """The LoRA adapter on every linear layer of the language model (reference: r 32 VQA / 64
+    reports, alpha 16, dropout 0.05)."""
+
+    lora_r: int = 32
+    """LoRA rank."""
+    lora_alpha: float = 16
+    """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+
+    def __post_init__(self):
         _positive("--lora-r", self.lora_r)
         _positive("--lora-alpha", self.lora_alpha)
         if not 0 <= self.lora_dropout < 1:
@@ -95,21 +108,27 @@ class AlignArgs:
     """Weight of L_att (0: MedAlign-vis ablation; 0.03 for reports)."""
     eps: float = 1.0
     """Scale of the rotation: X~ = X + eps * X W^T."""
-    att_norm: str = DEFAULT_ATT_NORM
+    att_norm: str = field(default=DEFAULT_ATT_NORM, metadata={"choices": ATT_NORMS})
     """How E_a and M_a are normalised: l2 (default; the reference code and the published runs),
     sum (a true KL; needs a much smaller beta), softmax (the paper's wording; near-uniform)."""
+    att_clamp: float = 1e-8
+    """Lower clamp against log 0 in L_att's KL."""
 
     def __post_init__(self):
-        _positive("--alpha", self.alpha, allow_zero=True)
-        _positive("--beta", self.beta, allow_zero=True)
-        if self.att_norm not in ATT_NORMS:
-            raise MedAlignError(f"--att-norm must be one of {', '.join(ATT_NORMS)}, got {self.att_norm!r}")
+        if isinstance(self.align_layer, bool) or not isinstance(self.align_layer, int):
+            raise MedAlignError(f"--align-layer must be an integer, got {self.align_layer!r}")
         if self.align_layer < 1:
             raise MedAlignError(f"--align-layer must be >= 1 (W sits on layers[l-1]), got {self.align_layer}")
-        if self.distill and not self.cache:
-            raise MedAlignError(
-                f"--cache is required when --alpha ({self.alpha}) or --beta ({self.beta}) is > 0; "
-                "plain LoRA fine-tuning is --alpha 0 --beta 0")
+        for name in ("alpha", "beta", "eps", "att_clamp"):
+            value = float(getattr(self, name))
+            if not math.isfinite(value):
+                raise MedAlignError(f"--{name.replace('_', '-')} must be finite, got {value}")
+            setattr(self, name, value)
+        _positive("--alpha", self.alpha, allow_zero=True)
+        _positive("--beta", self.beta, allow_zero=True)
+        _positive("--att-clamp", self.att_clamp)
+        if self.att_norm not in ATT_NORMS:
+            raise MedAlignError(f"unknown --att-norm {self.att_norm!r}; valid: {', '.join(ATT_NORMS)}")
 
     @property
     def distill(self) -> bool:
@@ -158,7 +177,7 @@ class OptimArgs:
 class RunArgs:
     """Output directory, seeding, logging, checkpointing and the device."""
 
-    out: str = ""
+    out: str = field(default="", metadata=REQUIRED)
     """RUN_DIR: adapter, W, config, teacher identity, logs and checkpoints."""
     seed: int = 0
     """Seed of the data order, LoRA init and dropout."""
@@ -186,7 +205,8 @@ class RunArgs:
             raise MedAlignError(f"--device must be auto, cpu, cuda or cuda:K, got {self.device!r}")
 
 
-GROUPS = {"data": DataArgs, "model": ModelArgs, "align": AlignArgs, "optim": OptimArgs, "run": RunArgs}
+GROUPS = {"data": DataArgs, "model": ModelArgs, "lora": LoraArgs, "align": AlignArgs, "optim": OptimArgs,
+          "run": RunArgs}
 
 #: Keys that may differ between a run and its resumption (they do not change what is learned).
 RESUMABLE_CHANGES = {"resume", "stop_after", "num_workers", "log_every", "save_every", "keep_checkpoints",
@@ -204,9 +224,16 @@ class TrainConfig:
 
     data: DataArgs
     model: ModelArgs
+    lora: LoraArgs
     align: AlignArgs
     optim: OptimArgs
     run: RunArgs
+
+    def __post_init__(self):
+        if self.align.distill and not self.align.cache:
+            raise MedAlignError(
+                f"--cache is required when --alpha ({self.align.alpha}) or --beta ({self.align.beta}) is > 0; "
+                "plain LoRA fine-tuning is --alpha 0 --beta 0")
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> "TrainConfig":

@@ -2,7 +2,7 @@
 
 Public API (used by the training recipe and by evaluation):
 
-* :class:`AlignConfig`, :class:`LoraSettings`: the typed settings.
+* The settings are the typed groups of :mod:`student_train.config` (``LoraArgs``, ``AlignArgs``).
 * :func:`load_student` -> ``(model, tokenizer)``; :func:`num_image_tokens`; :func:`num_layers`.
 * :func:`prepare_student`: LoRA on the language model's linear layers only, the projector trainable
   iff asked (saved with the adapter through PEFT's ``modules_to_save``), the rotation ``W`` and the
@@ -21,9 +21,7 @@ the capture (a custom attention function) only when ``beta > 0``.
 from __future__ import annotations
 
 import json
-import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,70 +30,12 @@ import torch.nn as nn
 from shared.errors import MedAlignError
 from student_train import alignment
 from student_train.alignment import get_handles, unwrap
-from student_train.config import ATT_NORMS, DEFAULT_ATT_NORM
+from student_train.config import AlignArgs, LoraArgs
 from student_train.losses import att_loss, vis_loss
 
 ROTATION_WEIGHTS = "rotation.safetensors"
 ROTATION_CONFIG = "rotation.json"
 PROJECTOR = "multi_modal_projector"
-
-
-@dataclass
-class AlignConfig:
-    """MedAlign's alignment settings (docs/design.md section 1)."""
-
-    layer: int = 20
-    """0-based decoder layer l: W acts on layers[l-1]'s output, L_att reads layers[l]."""
-    alpha: float = 1.0
-    """Weight of L_vis."""
-    beta: float = 0.06
-    """Weight of L_att."""
-    eps: float = 1.0
-    """Rotation scale in X~ = X + eps X W^T."""
-    att_norm: str = DEFAULT_ATT_NORM
-    """Normalisation of E_a and M_a before the KL: l2 (default; reference code) | sum | softmax (paper)."""
-    att_clamp: float = 1e-8
-    """Lower clamp against log 0 in the KL."""
-
-    def __post_init__(self):
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
-            raise MedAlignError(f"align layer must be an integer, got {self.layer!r}")
-        if self.layer < 1:
-            raise MedAlignError(f"--align-layer {self.layer} is out of range: it must be >= 1")
-        for name in ("alpha", "beta", "eps", "att_clamp"):
-            v = float(getattr(self, name))
-            if not math.isfinite(v):
-                raise MedAlignError(f"{name} must be finite, got {v}")
-            setattr(self, name, v)
-        if self.alpha < 0 or self.beta < 0:
-            raise MedAlignError(f"alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
-        if self.att_clamp <= 0:
-            raise MedAlignError(f"att_clamp must be > 0, got {self.att_clamp}")
-        if self.att_norm not in ATT_NORMS:
-            raise MedAlignError(f"unknown --att-norm {self.att_norm!r}; valid: {', '.join(ATT_NORMS)}")
-
-    @property
-    def enabled(self) -> bool:
-        """False for plain LoRA fine-tuning (alpha = beta = 0): no W, no capture, no teacher."""
-        return self.alpha > 0 or self.beta > 0
-
-
-@dataclass
-class LoraSettings:
-    """LoRA hyper-parameters (reference: r 32 VQA / 64 reports, alpha 16, dropout 0.05)."""
-
-    r: int = 32
-    """LoRA rank."""
-    alpha: float = 16
-    """lora_alpha (scaling = alpha / r)."""
-    dropout: float = 0.05
-    """Dropout on the LoRA input."""
-
-    def __post_init__(self):
-        if int(self.r) < 1:
-            raise MedAlignError(f"--lora-r must be >= 1, got {self.r}")
-        if not 0 <= float(self.dropout) < 1:
-            raise MedAlignError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
 
 
 # --------------------------------------------------------------------------- loading
@@ -186,30 +126,30 @@ def language_linear_targets(model: nn.Module) -> str:
     return r"^model\.language_model\..*\.(" + "|".join(re.escape(s) for s in suffixes) + r")$"
 
 
-def prepare_student(model: nn.Module, lora: LoraSettings, align: AlignConfig, train_projector: bool):
+def prepare_student(model: nn.Module, lora: LoraArgs, align: AlignArgs, train_projector: bool):
     """Wrap ``model`` for training: returns a ``PeftModel``.
 
     LoRA on every linear layer of the language model; the projector trainable iff
-    ``train_projector`` (then saved with the adapter via ``modules_to_save``); if ``align.enabled``
+    ``train_projector`` (then saved with the adapter via ``modules_to_save``); if ``align.distill``
     the rotation W (fp32 zeros, trainable) on ``layers[l-1]``, and if ``align.beta > 0`` the
     attention capture at ``layers[l]``. Everything else is frozen.
     """
     from peft import LoraConfig, get_peft_model
 
-    alignment.check_layer(align.layer, num_layers(model))
+    alignment.check_layer(align.align_layer, num_layers(model))
     for p in model.parameters():
         p.requires_grad_(False)
     config = LoraConfig(
-        r=int(lora.r),
-        lora_alpha=lora.alpha,
-        lora_dropout=float(lora.dropout),
+        r=int(lora.lora_r),
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=float(lora.lora_dropout),
         target_modules=language_linear_targets(model),
         modules_to_save=[PROJECTOR] if train_projector else None,
         bias="none",
     )
     peft_model = get_peft_model(model, config)
-    if align.enabled:
-        alignment.install(peft_model, align.layer, align.eps, rotation=True, capture=align.beta > 0)
+    if align.distill:
+        alignment.install(peft_model, align.align_layer, align.eps, rotation=True, capture=align.beta > 0)
     for name, p in peft_model.named_parameters():
         if PROJECTOR in name and not train_projector:
             p.requires_grad_(False)
@@ -245,7 +185,7 @@ def param_groups(model: nn.Module, lr: float, projector_lr: float) -> list[dict]
 
 
 def compute_losses(
-    model: nn.Module, batch: dict, align: AlignConfig, *, detach_parts: bool = True
+    model: nn.Module, batch: dict, align: AlignArgs, *, detach_parts: bool = True
 ) -> dict[str, torch.Tensor]:
     """One forward pass and the MedAlign objective ``L = L_LM + alpha L_vis + beta L_att``.
 
@@ -415,8 +355,6 @@ def load_trained(
 
 
 __all__ = [
-    "AlignConfig",
-    "LoraSettings",
     "load_student",
     "num_image_tokens",
     "num_layers",

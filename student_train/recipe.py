@@ -297,18 +297,15 @@ class Recipe:
         self._describe()
 
     def _load_model(self) -> None:
-        from student_train.model import (AlignConfig, LoraSettings, enable_gradient_checkpointing, load_student,
-                                         prepare_student)
+        from student_train.model import enable_gradient_checkpointing, load_student, prepare_student
 
         cfg = self.cfg
         dtype = torch.bfloat16 if cfg.model.bf16 else torch.float32
         model, _ = load_student(cfg.model.model, dtype=dtype, device=self.device,
                                 trust_remote_code=cfg.model.trust_remote_code)
-        self.align = AlignConfig(layer=cfg.align.align_layer, alpha=cfg.align.alpha, beta=cfg.align.beta,
-                                 eps=cfg.align.eps, att_norm=cfg.align.att_norm)
-        lora = LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha, dropout=cfg.model.lora_dropout)
+        self.align = cfg.align
         seed_everything(cfg.run.seed)  # identical LoRA init on every rank
-        model = prepare_student(model, lora, self.align, train_projector=cfg.optim.projector_lr > 0)
+        model = prepare_student(model, cfg.lora, cfg.align, train_projector=cfg.optim.projector_lr > 0)
         for p in model.parameters():  # trainable weights in fp32 (bf16 runs keep the frozen base in bf16)
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()

@@ -35,10 +35,11 @@ def image(tmp_path_factory):
 @pytest.fixture(scope="module")
 def w_run(student, tmp_path_factory):
     from student_train.alignment import get_handles
-    from student_train.model import AlignConfig, LoraSettings, load_student, prepare_student, save_trained
+    from student_train.config import AlignArgs, LoraArgs
+    from student_train.model import load_student, prepare_student, save_trained
 
     model, _ = load_student(student)
-    peft = prepare_student(model, LoraSettings(r=4), AlignConfig(layer=LAYER, alpha=1.0, beta=0.0),
+    peft = prepare_student(model, LoraArgs(lora_r=4), AlignArgs(align_layer=LAYER, alpha=1.0, beta=0.0),
                            train_projector=False)
     w = get_handles(peft).rotation.weight
     torch.manual_seed(0)

@@ -31,12 +31,13 @@ def student(tmp_path_factory):
 def _make_run(model_dir, out, w_scale: float = 0.0, seed: int = 1):
     """A training run directory as medalign-train writes it: fresh LoRA (B = 0, so a zero update),
     W = w_scale * randn / sqrt(d), config.json with the template, teacher.json."""
-    from student_train.model import AlignConfig, LoraSettings, load_student, prepare_student, save_trained
+    from student_train.config import AlignArgs, LoraArgs
+    from student_train.model import load_student, prepare_student, save_trained
     from student_train.alignment import get_handles
 
     model, _ = load_student(model_dir)
     torch.manual_seed(seed)
-    peft = prepare_student(model, LoraSettings(r=4), AlignConfig(layer=LAYER, alpha=1.0, beta=0.0),
+    peft = prepare_student(model, LoraArgs(lora_r=4), AlignArgs(align_layer=LAYER, alpha=1.0, beta=0.0),
                            train_projector=False)
     rot = get_handles(peft).rotation
     d = rot.weight.shape[0]

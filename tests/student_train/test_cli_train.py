@@ -188,7 +188,7 @@ def test_config_yaml_and_flags_precedence(setup, tmp_path, monkeypatch):
     cfg: TrainConfig = seen["cfg"]
     assert cfg.align.alpha == 0.25 and cfg.optim.lr == 0.001 and cfg.optim.max_steps == 7
     assert cfg.model.bf16 is False and cfg.align.beta == 0 and cfg.align.cache == "c"
-    assert cfg.model.lora_r == 32 and cfg.optim.grad_accum == 8  # untouched defaults
+    assert cfg.lora.lora_r == 32 and cfg.optim.grad_accum == 8  # untouched defaults
     yaml_file.write_text("alpah: 1\n")
     res = CliRunner().invoke(cli.main, ["--config", str(yaml_file)])
     assert res.exit_code == 2 and "unknown setting(s): alpah" in res.output

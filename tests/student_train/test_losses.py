@@ -12,7 +12,8 @@ from transformers import LlavaForConditionalGeneration
 
 from student_train.alignment import get_handles
 from student_train.losses import ATT_NORMS, AttLoss, VisLoss, att_loss, normalise_attention, vis_loss
-from student_train.model import AlignConfig, LoraSettings, compute_losses, load_student, prepare_student
+from student_train.config import AlignArgs, LoraArgs
+from student_train.model import compute_losses, load_student, prepare_student
 
 TINY_ALIGN_LAYER = 2  # valid for the 4-layer tiny students (conftest)
 
@@ -87,7 +88,7 @@ def test_default_att_norm_is_the_reference_l2():
     from student_train.config import AlignArgs
     from student_train.losses import AttLoss
 
-    assert AlignArgs(cache="c").att_norm == "l2" and AlignConfig().att_norm == "l2" and AttLoss().mode == "l2"
+    assert AlignArgs(cache="c").att_norm == "l2" and AlignArgs().att_norm == "l2" and AttLoss().mode == "l2"
     g = torch.Generator().manual_seed(0)
     m, e = torch.rand(2, 36, generator=g), torch.rand(2, 36, generator=g)
     mask = torch.ones(2, dtype=torch.bool)
@@ -196,8 +197,8 @@ def models_for(backbone, student_dir):
     """(prepared sdpa+capture student, eager reference) with the same weights, cached per backbone."""
     if backbone not in _MODELS:
         student, _ = load_student(student_dir)
-        align = AlignConfig(layer=TINY_ALIGN_LAYER, alpha=1.0, beta=1.0)
-        student = prepare_student(student, LoraSettings(r=4, dropout=0.0), align, train_projector=False)
+        align = AlignArgs(align_layer=TINY_ALIGN_LAYER, alpha=1.0, beta=1.0)
+        student = prepare_student(student, LoraArgs(lora_r=4, lora_dropout=0.0), align, train_projector=False)
         torch.manual_seed(5)
         with torch.no_grad():
             get_handles(student).rotation.weight.normal_(0, 0.05)
@@ -217,7 +218,7 @@ def test_losses_match_per_sample_eager_loop(tiny_student_dirs, tiny_make_batch, 
     batch = tiny_make_batch(
         student, [30, 25, 34], [2, 5, 1], n_query=[4, 2, 7], teacher=[True, False, True], seed=3
     )
-    align = AlignConfig(layer=layer, alpha=1.0, beta=0.5, att_norm=mode)
+    align = AlignArgs(align_layer=layer, alpha=1.0, beta=0.5, att_norm=mode)
     with torch.no_grad():
         got = compute_losses(student, batch, align)
 
@@ -249,7 +250,7 @@ def test_captured_attention_equals_eager(tiny_student_dirs, tiny_make_batch, bac
     handles = get_handles(student)
     lengths, offsets = ([31, 24], [3, 0]) if padded else ([28, 28], [1, 6])
     batch = tiny_make_batch(student, lengths, offsets, n_query=[5, 3], seed=11)
-    align = AlignConfig(layer=handles.layer, alpha=0.0, beta=1.0)
+    align = AlignArgs(align_layer=handles.layer, alpha=0.0, beta=1.0)
     with torch.no_grad():
         compute_losses(student, batch, align)
     captured = handles.state.attn

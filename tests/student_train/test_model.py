@@ -12,9 +12,8 @@ from transformers import LlamaConfig, LlavaForConditionalGeneration
 
 from shared.errors import MedAlignError
 from student_train.alignment import ATTN_IMPL, get_handles, unwrap
+from student_train.config import AlignArgs, LoraArgs
 from student_train.model import (
-    AlignConfig,
-    LoraSettings,
     compute_losses,
     enable_gradient_checkpointing,
     load_student,
@@ -28,12 +27,12 @@ from student_train.model import (
 )
 
 LAYER = 2
-NO_DROPOUT = LoraSettings(r=4, alpha=8, dropout=0.0)
+NO_DROPOUT = LoraArgs(lora_r=4, lora_alpha=8, lora_dropout=0.0)
 
 
 def prepared(student_dir, *, alpha=1.0, beta=1.0, train_projector=True, w_std=0.0, b_std=0.0, seed=0):
     model, _ = load_student(student_dir)
-    align = AlignConfig(layer=LAYER, alpha=alpha, beta=beta)
+    align = AlignArgs(align_layer=LAYER, alpha=alpha, beta=beta)
     model = prepare_student(model, NO_DROPOUT, align, train_projector=train_projector)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -161,7 +160,7 @@ def test_gradient_checkpointing_same_gradients(tiny_student_dirs, tiny_make_batc
     model, align = prepared(tiny_student_dirs[backbone], w_std=0.05, b_std=0.02)
     model.train()
     batch = tiny_make_batch(model, [30, 25, 28], [2, 5, 0], n_query=[4, 3, 6], teacher=[True, True, False])
-    align = AlignConfig(layer=LAYER, alpha=1.0, beta=0.5)
+    align = AlignArgs(align_layer=LAYER, alpha=1.0, beta=0.5)
     plain = grads(model, batch, align)
     enable_gradient_checkpointing(model)
     assert unwrap(model).model.language_model.gradient_checkpointing
@@ -240,9 +239,9 @@ def test_align_layer_out_of_range(tiny_llama_dir):
     model, _ = load_student(tiny_llama_dir)
     for bad in (4, 7):
         with pytest.raises(MedAlignError, match=r"valid values are 1\.\.3"):
-            prepare_student(model, NO_DROPOUT, AlignConfig(layer=bad), train_projector=False)
+            prepare_student(model, NO_DROPOUT, AlignArgs(align_layer=bad), train_projector=False)
     with pytest.raises(MedAlignError, match=">= 1"):
-        AlignConfig(layer=0)
+        AlignArgs(align_layer=0)
 
 
 @pytest.mark.parametrize(
@@ -251,7 +250,7 @@ def test_align_layer_out_of_range(tiny_llama_dir):
 )
 def test_align_config_validation(kwargs, match):
     with pytest.raises(MedAlignError, match=match):
-        AlignConfig(**kwargs)
+        AlignArgs(**kwargs)
 
 
 def test_non_llava_directory_is_refused(tmp_path):

@@ -1,0 +1,114 @@
+"""Command-line plumbing shared by the four tools: click options generated from typed dataclasses,
+and the one way a :class:`~shared.errors.MedAlignError` becomes ``Error: ...`` and exit status 2.
+
+A tool's options are the fields of its config dataclasses (docs/design.md section 2: "small typed
+dataclasses are the single source of every option"): :func:`dataclass_options` turns each field into
+``--field-name`` with the field's type, its default and, as help, the docstring written under the
+field. A field's ``metadata`` may add ``choices`` (a tuple), ``flag`` (the option's name when it is
+not the field's), ``required`` (shown as ``[required]``; the dataclass validates it) and ``help``
+(when the docstring is not the right help text).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import inspect
+import sys
+import textwrap
+import types
+import typing
+from typing import Any, Callable, Iterator
+
+import click
+
+from shared.errors import MedAlignError
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a :class:`MedAlignError` raised inside into ``Error: <message>`` on stderr and exit 2."""
+    try:
+        yield
+    except MedAlignError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field name: the docstring written under it}`` for a dataclass (and its bases), whitespace
+    collapsed to single spaces and reST double backquotes dropped (it is terminal help)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.replace("``", "").split())
+    return docs
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """``(int, True)`` for ``int | None`` / ``Optional[int]``; ``(float, False)`` for ``float``."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing))  # noqa: S307 - our own annotations only
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0], len(rest) < len(args)
+        return str, len(rest) < len(args)  # e.g. int | str: parsed by the dataclass
+    return annotation, False
+
+
+def dataclass_options(*classes: type, exclude: tuple[str, ...] = ()) -> Callable:
+    """A decorator adding one click option per field of ``classes`` (in field order), except
+    ``exclude``. Defaults are the dataclass defaults, so ``--config`` (click's ``default_map``) and
+    the typed flags override them in that order."""
+
+    def decorate(fn: Callable) -> Callable:
+        opts = []
+        for cls in classes:
+            docs = field_docs(cls)
+            hints = typing.get_type_hints(cls)
+            for f in dataclasses.fields(cls):
+                if f.name in exclude or not f.init:
+                    continue
+                opts.append(_option(f, hints[f.name], docs.get(f.name, "")))
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return decorate
+
+
+def _option(f: dataclasses.Field, annotation: Any, doc: str) -> Callable:
+    meta = f.metadata
+    flag = "--" + meta.get("flag", f.name).replace("_", "-")
+    help_text = meta.get("help", doc)
+    if meta.get("required"):
+        help_text = f"{help_text}  [required]"
+    default = f.default if f.default is not dataclasses.MISSING else None
+    typ, _optional = _base_type(annotation)
+    if typ is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=bool(default), help=help_text,
+                            show_default=bool(default))
+    if "choices" in meta:
+        click_type: Any = click.Choice(tuple(meta["choices"]))
+    else:
+        click_type = typ if typ in (int, float, str) else str
+    if meta.get("required") and default in ("", None):
+        default = None
+    return click.option(flag, f.name, type=click_type, default=default, help=help_text,
+                        show_default=default not in (None, ""))
+
+
+__all__ = ["user_errors", "field_docs", "dataclass_options"]
