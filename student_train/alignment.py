@@ -94,7 +94,6 @@ class AlignHandles:
     rotation: Rotation | None
     capture: bool
     hooks: list = field(default_factory=list)
-    previous_attn: str | None = None
 
 
 # --------------------------------------------------------------------------- attention function
@@ -205,16 +204,20 @@ def medalign_attention_forward(
     )
 
 
+_registered = False
+
+
 def register_attention() -> None:
-    """Register :data:`ATTN_IMPL` with both the attention and the attention-mask interfaces."""
-    AttentionInterface.register(ATTN_IMPL, medalign_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
+    """Register :data:`ATTN_IMPL` with both the attention and the attention-mask interfaces, once
+    (called by :func:`install` when a capture is installed; importing this module registers nothing)."""
+    global _registered
+    if not _registered:
+        AttentionInterface.register(ATTN_IMPL, medalign_attention_forward)
+        AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
+        _registered = True
 
 
-register_attention()
-
-
-# --------------------------------------------------------------------------- install / uninstall
+# --------------------------------------------------------------------------- install
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -320,7 +323,7 @@ def install(
         handles.hooks.append(layers[layer - 1].register_forward_hook(rotate_hook))
 
     if capture:
-        handles.previous_attn = base.config.text_config._attn_implementation
+        register_attention()
         base.set_attn_implementation({"text_config": ATTN_IMPL})
         if base.config.text_config._attn_implementation != ATTN_IMPL:
             raise RuntimeError("could not switch the language model to the MedAlign attention function")
@@ -328,34 +331,3 @@ def install(
 
     object.__setattr__(base, "_medalign", handles)
     return handles
-
-
-def stop_capture(model: nn.Module) -> None:
-    """Switch the capture and the storing of X~ off (e.g. before generating with a model that
-    was just trained); :func:`student_train.model.compute_losses` switches them on again."""
-    handles = get_handles(model)
-    if handles is not None:
-        handles.state.query_mask = None
-        handles.state.store_rotated = False
-        handles.state.clear_outputs()
-
-
-def uninstall(model: nn.Module) -> torch.Tensor | None:
-    """Remove everything :func:`install` added; returns W (detached) or None."""
-    base = unwrap(model)
-    handles: AlignHandles | None = getattr(base, "_medalign", None)
-    if handles is None:
-        return None
-    for h in handles.hooks:
-        h.remove()
-    layers = decoder_layers(base)
-    w = None
-    if handles.rotation is not None:
-        w = handles.rotation.weight.detach().clone()
-        del layers[handles.layer - 1]._modules["medalign_rotation"]
-    if handles.capture:
-        if hasattr(layers[handles.layer].self_attn, _CAPTURE_ATTR):
-            delattr(layers[handles.layer].self_attn, _CAPTURE_ATTR)
-        base.set_attn_implementation({"text_config": handles.previous_attn or "sdpa"})
-    object.__setattr__(base, "_medalign", None)
-    return w

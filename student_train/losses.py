@@ -27,7 +27,6 @@ A batch gives the mean of the per-sample values (the reference trains with batch
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from student_train.config import ATT_NORMS, DEFAULT_ATT_NORM
@@ -120,24 +119,3 @@ def att_loss(
     if mode == "l2":  # the reference's batchmean on a 1-D [N] vector divides by N
         per_sample = per_sample / e.shape[-1]
     return per_sample.mean()
-
-
-class VisLoss(nn.Module):
-    """Module form of :func:`vis_loss`: (rotated [B,N,d], teacher_sim [B,N,N], mask [B]) -> []."""
-
-    def forward(self, rotated, teacher_sim, teacher_mask):
-        return vis_loss(rotated, teacher_sim, teacher_mask)
-
-
-class AttLoss(nn.Module):
-    """Module form of :func:`att_loss`: (M_a [B,N], E_a [B,N], mask [B], rows [B]?) -> []."""
-
-    def __init__(self, mode: str = DEFAULT_ATT_NORM, clamp: float = 1e-8):
-        super().__init__()
-        if mode not in ATT_NORMS:
-            raise ValueError(f"unknown att_norm {mode!r}; valid: {', '.join(ATT_NORMS)}")
-        self.mode = mode
-        self.clamp = clamp
-
-    def forward(self, student_attn, teacher_attn, teacher_mask, rows=None):
-        return att_loss(student_attn, teacher_attn, teacher_mask, mode=self.mode, clamp=self.clamp, rows=rows)

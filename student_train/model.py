@@ -10,8 +10,7 @@ Public API (used by the training recipe and by evaluation):
 * :func:`param_groups`, :func:`enable_gradient_checkpointing`.
 * :func:`compute_losses` -> ``{"loss", "lm_loss", "vis_loss", "att_loss"}``.
 * :func:`save_trained` / :func:`load_trained`: the PEFT adapter (standard format) plus
-  ``rotation.safetensors`` (W, fp32) and ``rotation.json`` (layer, eps);
-  :func:`restore_trained` loads them back into a prepared model in place (resume).
+  ``rotation.safetensors`` (W, fp32) and ``rotation.json`` (layer, eps).
 
 ``alpha = beta = 0`` is plain LoRA fine-tuning: no W, no capture, pure SDPA, no teacher needed.
 With ``alpha > 0`` or ``beta > 0`` the rotation is installed (it is part of the trained model);
@@ -185,7 +184,7 @@ def param_groups(model: nn.Module, lr: float, projector_lr: float) -> list[dict]
 
 
 def compute_losses(
-    model: nn.Module, batch: dict, align: AlignArgs, *, detach_parts: bool = True
+    model: nn.Module, batch: dict, align: AlignArgs
 ) -> dict[str, torch.Tensor]:
     """One forward pass and the MedAlign objective ``L = L_LM + alpha L_vis + beta L_att``.
 
@@ -199,8 +198,7 @@ def compute_losses(
     Returns:
         ``loss``, ``lm_loss``, ``vis_loss``, ``att_loss`` (0-dim; vis/att are zeros when their
         weight is 0 or no sample has a teacher entry, and their extra work is then skipped).
-        ``lm_loss``/``vis_loss``/``att_loss`` are detached (for logging) unless ``detach_parts``
-        is False; ``loss`` always carries the graph.
+        Every term carries its graph (detach what you only log).
 
     The capture state set here stays until the next call, so a gradient-checkpointed backward
     recomputes exactly what the forward computed.
@@ -252,8 +250,6 @@ def compute_losses(
             rows=state.attn_rows,
         )
     loss = lm + align.alpha * vis + align.beta * att
-    if detach_parts:
-        lm, vis, att = lm.detach(), vis.detach(), att.detach()
     return {"loss": loss, "lm_loss": lm, "vis_loss": vis, "att_loss": att}
 
 
@@ -293,33 +289,6 @@ def load_rotation(run_dir: str | Path) -> tuple[torch.Tensor, dict] | None:
         raise MedAlignError(f"{run_dir} has {ROTATION_WEIGHTS} but no {ROTATION_CONFIG}")
     meta = json.loads((run_dir / ROTATION_CONFIG).read_text())
     return load_file(str(run_dir / ROTATION_WEIGHTS))["weight"], meta
-
-
-def restore_trained(model: nn.Module, run_dir: str | Path) -> None:
-    """Load what :func:`save_trained` wrote back into a model prepared the same way (for
-    ``--resume``): the adapter weights (LoRA and a trained projector) and W, in place."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    adapter = run_dir / "adapter_model.safetensors"
-    if not adapter.is_file():
-        raise MedAlignError(f"{run_dir} holds no adapter weights (adapter_model.safetensors missing)")
-    peft_model = _peft_model(model)
-    result = set_peft_model_state_dict(peft_model, load_file(str(adapter)))
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    if unexpected:
-        raise MedAlignError(f"the adapter in {run_dir} does not fit this model: unexpected keys {unexpected[:3]}")
-    handles = get_handles(model)
-    rot = load_rotation(run_dir)
-    if (handles is not None and handles.rotation is not None) != (rot is not None):
-        raise MedAlignError(f"{run_dir} and the prepared model disagree on having a rotation W")
-    if rot is not None:
-        w, meta = rot
-        if int(meta["layer"]) != handles.layer:
-            raise MedAlignError(f"{run_dir} holds W for layer {meta['layer']}, the model has it at {handles.layer}")
-        with torch.no_grad():
-            handles.rotation.weight.copy_(w.to(handles.rotation.weight.device))
 
 
 def load_trained(
@@ -364,7 +333,6 @@ __all__ = [
     "compute_losses",
     "save_trained",
     "load_trained",
-    "restore_trained",
     "load_rotation",
     "language_linear_targets",
 ]
