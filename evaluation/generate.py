@@ -375,7 +375,7 @@ def load_generator(model_dir: str | Path, run_dir: str | Path | None = None, *, 
                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                    trust_remote_code: bool = False) -> Generator:
     """Base student (+ adapter and W from ``run_dir``), tokenizer, image processor and template."""
-    from student_train.data import adds_bos, load_image_processor
+    from student_train.data import adds_bos, answer_end_id, load_image_processor
     from student_train.model import load_student, load_trained, num_image_tokens
 
     tmpl, src = resolve_template(model_dir, run_dir, template)  # before loading anything
@@ -394,8 +394,8 @@ def load_generator(model_dir: str | Path, run_dir: str | Path | None = None, *, 
     if pad_id is None:
         pad_id = tokenizer.eos_token_id
     eos_ids: list[int] = []
-    for cand in (tokenizer.eos_token_id, model.generation_config.eos_token_id,
-                 tokenizer.convert_tokens_to_ids(tmpl.stop_str) if tmpl.stop_str in tokenizer.get_vocab() else None):
+    # the token that ended every answer in training (the template's stop string, e.g. <|endoftext|>) stops too
+    for cand in (tokenizer.eos_token_id, model.generation_config.eos_token_id, answer_end_id(tokenizer, tmpl)):
         for e in cand if isinstance(cand, (list, tuple)) else [cand]:
             if e is not None and int(e) not in eos_ids:
                 eos_ids.append(int(e))

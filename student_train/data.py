@@ -9,7 +9,8 @@ Each sample is the template's prompt and answer tokenised as LLaVA does: the ``<
 placeholder splits the prompt, the text pieces are tokenised separately and the placeholder becomes
 ``N`` copies of the image token id. A sample's fields (see :func:`collate`):
 
-* ``labels``: -100 everywhere except the answer tokens (answer text, template suffix, EOS);
+* ``labels``: -100 everywhere except the answer tokens (answer text, template suffix, end token:
+  :func:`answer_end_id`);
 * ``query_mask``: the prompt tokens after the image up to the start of the answer (the query rows
   of ``L_att``).
 
@@ -65,15 +66,30 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and list(tokenizer("a", add_special_tokens=True)["input_ids"][:1]) == [bos]
 
 
+def answer_end_id(tokenizer, template: PromptTemplate) -> int:
+    """The token that ends a supervised answer: the template's ``stop_str`` where the tokenizer has
+    it as one token (the reference appends ``sep2`` as text: conv_huatuo_v1's ``<|endoftext|>``,
+    LLaVA's ``</s>``), else the tokenizer's EOS."""
+    stop = template.stop_str
+    if stop:
+        ids = tokenizer(stop, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == stop:
+            return int(ids[0])
+    if tokenizer.eos_token_id is None:
+        raise MedAlignError("the tokenizer has no EOS token; cannot mark the end of answers")
+    return int(tokenizer.eos_token_id)
+
+
 def encode_sample(tokenizer, template: PromptTemplate, question: str, answer: str, image_token_id: int,
-                  *, add_bos: bool | None = None) -> Encoded:
+                  *, add_bos: bool | None = None, end_id: int | None = None) -> Encoded:
     """Tokenise one (question, answer) with ``template`` the way LLaVA's ``tokenizer_image_token`` does.
 
     The prompt is split at its single ``<image>``; the text before it and the text after it
     (prompt tail + answer) are tokenised separately, and the answer's first token is found from the
     character offsets (a token that starts at or after the prompt's end is an answer token), so the
     answer is tokenised in context exactly as in the full text. BOS is prepended when the tokenizer
-    itself adds one (Llama/Mistral tokenizers do, Qwen2's does not); EOS is appended.
+    itself adds one (Llama/Mistral tokenizers do, Qwen2's does not); the end token
+    (:func:`answer_end_id`, computed once by the caller or here) is appended.
     """
     prompt, full = template.build_training_text(question, answer)
     head, sep, _ = prompt.partition(IMAGE_PLACEHOLDER)
@@ -98,9 +114,7 @@ def encode_sample(tokenizer, template: PromptTemplate, question: str, answer: st
     ids.append(int(image_token_id))
     answer_start = len(ids) + n_prompt_tail
     ids += tail_ids
-    if tokenizer.eos_token_id is None:
-        raise MedAlignError("the tokenizer has no EOS token; cannot mark the end of answers")
-    ids.append(int(tokenizer.eos_token_id))
+    ids.append(answer_end_id(tokenizer, template) if end_id is None else int(end_id))
     return Encoded(np.asarray(ids, dtype=np.int64), image_pos, answer_start)
 
 
@@ -227,9 +241,10 @@ def build_samples(
                   "with the LM loss only")
 
     samples: list[Sample] = []
-    bos = adds_bos(tokenizer)
+    bos, end = adds_bos(tokenizer), answer_end_id(tokenizer, template)
     for i, rec in enumerate(records):
-        enc = encode_sample(tokenizer, template, question_text(rec), answer_text(rec), image_token_id, add_bos=bos)
+        enc = encode_sample(tokenizer, template, question_text(rec), answer_text(rec), image_token_id,
+                            add_bos=bos, end_id=end)
         length = enc.length(num_image_tokens)
         stats.longest = max(stats.longest, length)
         if length > max_length:

@@ -5,9 +5,11 @@ A template turns one single-turn VQA / report record into
 * ``build_prompt(question)``: the text the model sees before it answers (used for training and
   for generation), with the ``<image>`` placeholder first, followed by a newline, as LLaVA puts it;
 * ``build_training_text(question, answer) -> (prompt, full)``: ``full = prompt + answer_prefix +
-  answer + answer_suffix``. The tokenizer's EOS id is appended after ``full`` as a token id
-  (never as text, so it works whatever the EOS string is); the answer text, the suffix and the
-  EOS are the supervised tokens.
+  answer + answer_suffix``. The end-of-answer token is appended after ``full`` as a token id
+  (never as text): the id of the template's ``stop_str`` when the tokenizer has it as one token
+  (the reference appends its ``sep2`` as text, which such a tokenizer reads as that one token),
+  else the tokenizer's EOS id. The answer text, the suffix and that token are the supervised
+  tokens (:func:`student_train.data.answer_end_id`).
 
 Registered templates (all single-turn, transcribed from the public reference code):
 
@@ -17,8 +19,13 @@ Registered templates (all single-turn, transcribed from the public reference cod
 * ``llava_v1``: LLaVA's ``conv_llava_v1``: the same layout with the "curious human" system prompt.
 * ``mistral_instruct``: LLaVA's ``conv_mistral_instruct`` (``SeparatorStyle.LLAMA_2``, empty
   system): ``"[INST] <image>\\n{q} [/INST]"`` + ``" {a} "`` + EOS (``</s>``).
-* ``huatuo``: HuatuoGPT-Vision-7B's format (its ``cli.py``): ``"<|user|>\\n<image>\\n{q}\\n<|assistant|>\\n"``
-  + ``"{a} \\n"`` + EOS.
+* ``huatuo``: MedAlign's ``conv_huatuo_v1`` (``huatuoGPT_V/llava/conversation.py``:
+  ``SeparatorStyle.TWO``, sep ``" "``, sep2 ``"<|endoftext|>"``, roles ``<|user|>`` /
+  ``<|assistant|>``, the vicuna system prompt), what MedAlign trained and evaluated
+  HuatuoGPT-Vision-7B with: ``"{system} <|user|>: <image>\\n{q} <|assistant|>:"`` + ``" {a}"`` +
+  ``<|endoftext|>``. No BOS (Qwen2's tokenizer has none).
+* ``huatuo_chat``: HuatuoGPT-Vision's own chat format (its ``cli.py``):
+  ``"<|user|>\\n<image>\\n{q}\\n<|assistant|>\\n"`` + ``"{a} \\n"`` + EOS.
 """
 
 from __future__ import annotations
@@ -50,7 +57,8 @@ class PromptTemplate:
     answer_suffix: str
     """Text after the answer, before the EOS id (supervised)."""
     stop_str: str
-    """The textual end-of-answer marker, for generation (``</s>`` for LLaVA's templates)."""
+    """The textual end-of-answer marker (``</s>`` for LLaVA's templates): generation stops at it,
+    and its token, when the tokenizer has it as one, ends every supervised answer."""
 
     def build_prompt(self, question: str) -> str:
         """The prompt for ``question`` (any ``<image>`` in it is moved to the front, as LLaVA does)."""
@@ -77,8 +85,11 @@ TEMPLATES: dict[str, PromptTemplate] = {
         PromptTemplate("llava_v1", _LLAVA_V1_SYSTEM, " USER: ", " ASSISTANT:", " ", "", "</s>"),
         # SeparatorStyle.LLAMA_2 with an empty system: "[INST] msg [/INST]" [+ " " + answer + " " + "</s>"]
         PromptTemplate("mistral_instruct", "", "[INST] ", " [/INST]", " ", " ", "</s>"),
-        # HuatuoGPT-Vision: f"<|user|>\n{h}\n<|assistant|>\n" then f"{answer} \n"
-        PromptTemplate("huatuo", "", "<|user|>\n", "\n<|assistant|>\n", "", " \n", "<|endoftext|>"),
+        # conv_huatuo_v1, SeparatorStyle.TWO: system + " " + "<|user|>: " + msg + " " + "<|assistant|>:"
+        # [+ " " + answer + "<|endoftext|>"]
+        PromptTemplate("huatuo", _VICUNA_SYSTEM, " <|user|>: ", " <|assistant|>:", " ", "", "<|endoftext|>"),
+        # HuatuoGPT-Vision's cli.py: f"<|user|>\n{h}\n<|assistant|>\n" then f"{answer} \n"
+        PromptTemplate("huatuo_chat", "", "<|user|>\n", "\n<|assistant|>\n", "", " \n", "<|endoftext|>"),
     )
 }
 

@@ -86,6 +86,27 @@ def _build_tokenizer(vocab_size: int, add_bos: bool = True):
     return fast
 
 
+def qwen2_tokenizer(vocab_size: int = 300):
+    """A tiny Qwen2-style tokenizer: transformers' ``Qwen2Tokenizer`` (Qwen2's pre-tokenizer regex,
+    byte-level BPE, no BOS, ``<|endoftext|>`` as EOS, pad and unk) over a BPE of ``vocab_size``
+    regular tokens trained on :data:`_CORPUS`, with ``<|endoftext|>``, ``<|im_start|>`` and
+    ``<|im_end|>`` as added special tokens after them (ids ``vocab_size``.., as in Qwen2 releases).
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.train_from_iterator(_CORPUS * 4, trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    model = json.loads(bpe.to_str())["model"]
+    return Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
+                          additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
 def tiny_llava_config(
     backbone: str = "llama",
     *,

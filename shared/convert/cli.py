@@ -1,8 +1,9 @@
-"""``medalign-data``: turn public datasets and the LLaVA-Med checkpoint into what the pipeline reads.
+"""``medalign-data``: turn public datasets and the original student checkpoints into what the pipeline reads.
 
     medalign-data convert --format vqa-rad --input "VQA_RAD Dataset Public.json" --out data/vqa-rad
     medalign-data convert-model --from llava-med llava-med-v1.5-mistral-7b --out llava-med-hf \\
         --vision-tower clip-vit-large-patch14-336
+    medalign-data convert-model --from huatuo HuatuoGPT-Vision-7B --out huatuo-hf
 """
 
 from __future__ import annotations
@@ -48,14 +49,25 @@ def convert(fmt: str, input_path: str, out_dir: str, image_root: str | None, pro
     click.echo("wrote " + ", ".join(str(f) for f in files))
 
 
+def _layout(name: str):
+    """The :class:`~shared.convert.original_llava.SourceLayout` of a ``--from`` name."""
+    if name == "huatuo":
+        from shared.convert.huatuo import HUATUO
+        return HUATUO
+    from shared.convert.llava_med import LLAVA_MED
+    return LLAVA_MED
+
+
 @main.command("convert-model")
-@click.option("--from", "source_format", required=True, type=click.Choice(["llava-med"]),
-              help="Source checkpoint layout (llava-med: the original LLaVA-Med-1.5 llava_mistral folder).")
+@click.option("--from", "source_format", required=True, type=click.Choice(["llava-med", "huatuo"]),
+              help="Source checkpoint layout (llava-med: the original LLaVA-Med-1.5 llava_mistral folder; "
+                   "huatuo: the original HuatuoGPT-Vision-7B llava_qwen2 folder).")
 @click.argument("src", type=click.Path(path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Output folder for the LlavaForConditionalGeneration checkpoint.")
 @click.option("--vision-tower", default=None, type=click.Path(path_type=str),
-              help="Local CLIP folder (e.g. clip-vit-large-patch14-336); needed when SRC has no vision weights.")
+              help="Local CLIP folder (e.g. clip-vit-large-patch14-336); needed when SRC has no vision weights "
+                   "(and, for huatuo, its config's mm_vision_tower is not a folder).")
 @click.option("--dtype", default="keep", show_default=True,
               type=click.Choice(["keep", "float32", "float16", "bfloat16"]),
               help="Output dtype; 'keep' uses the source embedding's dtype.")
@@ -64,12 +76,13 @@ def convert(fmt: str, input_path: str, out_dir: str, image_root: str | None, pro
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty output folder.")
 def convert_model(source_format: str, src: str, out_dir: str, vision_tower: str | None, dtype: str,
                   max_shard_size: float, overwrite: bool) -> None:
-    """Convert a LLaVA-Med-1.5 checkpoint into a transformers LlavaForConditionalGeneration folder."""
-    from shared.convert.llava_med import convert_llava_med
+    """Convert an original LLaVA-Med-1.5 or HuatuoGPT-Vision checkpoint into a transformers
+    LlavaForConditionalGeneration folder."""
+    from shared.convert.original_llava import convert_original
 
     try:
-        report = convert_llava_med(src, out_dir, vision_tower=vision_tower, dtype=dtype,
-                                   max_shard_bytes=int(max_shard_size * 1e9), overwrite=overwrite)
+        report = convert_original(_layout(source_format), src, out_dir, vision_tower=vision_tower, dtype=dtype,
+                                  max_shard_bytes=int(max_shard_size * 1e9), overwrite=overwrite)
     except MedAlignError as e:
         _fail(e)
     for line in report.summary_lines():

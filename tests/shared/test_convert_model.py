@@ -7,14 +7,14 @@ re-implementation of the original forward pass (CLIP hidden_states[-2] minus CLS
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors.torch import save_file
+
+from llava_reference import IMAGE, N_IMAGE, VP, language_weights, ref_llava, vision_weights, write_clip_folder
 
 from shared.convert.cli import main
 
@@ -25,9 +25,6 @@ HEADS, KV_HEADS = 4, 2
 INTER = 64
 ROPE_THETA = 1_000_000.0
 RMS_EPS = 1e-5
-IMAGE, PATCH = 28, 14   # 2 x 2 = 4 patches
-VLAYERS = 3
-VP = "model.vision_tower.vision_tower.vision_model."
 
 
 # --- tiny offline tokenizer --------------------------------------------------------------------
@@ -45,53 +42,6 @@ def build_tiny_tokenizer(folder: Path) -> None:
 
 
 # --- tiny random checkpoint in the original LLaVA-Med layout ------------------------------------
-
-def vision_weights(hidden: int, inter: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random CLIP vision weights with original (``vision_model.``-relative) names."""
-    def r(*shape, scale=0.2):
-        return torch.randn(*shape, generator=gen) * scale
-
-    n_pos = (IMAGE // PATCH) ** 2 + 1
-    sd = {"embeddings.class_embedding": r(hidden), "embeddings.patch_embedding.weight": r(hidden, 3, PATCH, PATCH, scale=0.05),
-          "embeddings.position_embedding.weight": r(n_pos, hidden),
-          "embeddings.position_ids": torch.arange(n_pos).unsqueeze(0),  # legacy buffer: must be dropped
-          "pre_layrnorm.weight": 1 + r(hidden), "pre_layrnorm.bias": r(hidden),
-          "post_layernorm.weight": 1 + r(hidden), "post_layernorm.bias": r(hidden)}
-    for i in range(VLAYERS):
-        p = f"encoder.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            sd[p + f"self_attn.{proj}.weight"] = r(hidden, hidden)
-            sd[p + f"self_attn.{proj}.bias"] = r(hidden)
-        for ln in ("layer_norm1", "layer_norm2"):
-            sd[p + f"{ln}.weight"] = 1 + r(hidden)
-            sd[p + f"{ln}.bias"] = r(hidden)
-        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = r(inter, hidden), r(inter)
-        sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = r(hidden, inter), r(hidden)
-    return sd
-
-
-def language_weights(mm_hidden: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random Mistral + projector weights with the original LLaVA-Med names."""
-    def r(*shape, scale=0.2):
-        return torch.randn(*shape, generator=gen) * scale
-
-    hd = D // HEADS
-    sd = {"model.embed_tokens.weight": r(V, D, scale=1.0), "model.norm.weight": 1 + r(D), "lm_head.weight": r(V, D),
-          "model.mm_projector.0.weight": r(D, mm_hidden), "model.mm_projector.0.bias": r(D),
-          "model.mm_projector.2.weight": r(D, D), "model.mm_projector.2.bias": r(D)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        sd[p + "self_attn.q_proj.weight"] = r(HEADS * hd, D)
-        sd[p + "self_attn.k_proj.weight"] = r(KV_HEADS * hd, D)
-        sd[p + "self_attn.v_proj.weight"] = r(KV_HEADS * hd, D)
-        sd[p + "self_attn.o_proj.weight"] = r(D, HEADS * hd)
-        sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"] = r(INTER, D), r(INTER, D)
-        sd[p + "mlp.down_proj.weight"] = r(D, INTER)
-        sd[p + "input_layernorm.weight"] = 1 + r(D)
-        sd[p + "post_attention_layernorm.weight"] = 1 + r(D)
-    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(hd // 2)  # legacy buffer: dropped
-    return sd
-
 
 def llava_mistral_config(mm_hidden: int) -> dict:
     return {
@@ -122,7 +72,7 @@ def write_checkpoint(root: Path, layout: str) -> tuple[Path, Path | None, dict, 
     src.mkdir()
     vh, vheads = (64, 1) if layout == "embedded" else (64, 2)
     vis = vision_weights(vh, 48, gen)
-    lang = language_weights(vh, gen)
+    lang = language_weights(rows=V, d=D, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS, inter=INTER, mm_hidden=vh, gen=gen)
     (src / "config.json").write_text(json.dumps(llava_mistral_config(vh)))
     build_tiny_tokenizer(src)
     (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
@@ -139,93 +89,14 @@ def write_checkpoint(root: Path, layout: str) -> tuple[Path, Path | None, dict, 
         torch.save({k: lang[k] for k in part}, src / name)
         weight_map.update({k: name for k in part})
     (src / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    from transformers import CLIPConfig
-    clip = root / "clip"
-    clip.mkdir()
-    CLIPConfig(text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                            "num_attention_heads": 2, "vocab_size": 50, "bos_token_id": 0,
-                            "eos_token_id": 1, "pad_token_id": 1},
-               vision_config={"hidden_size": vh, "intermediate_size": 48, "num_hidden_layers": VLAYERS,
-                              "num_attention_heads": vheads, "image_size": IMAGE, "patch_size": PATCH},
-               projection_dim=8).save_pretrained(str(clip))
-    clip_sd = {"vision_model." + k: v for k, v in vis.items()}
-    clip_sd.update({"text_model.embeddings.token_embedding.weight": torch.zeros(50, 16),
-                    "visual_projection.weight": torch.zeros(8, vh), "logit_scale": torch.tensor(2.0)})
-    save_file(clip_sd, str(clip / "model.safetensors"))
+    clip = write_clip_folder(root / "clip", vis, vh, vheads)
     return src, clip, original, vheads
 
 
-# --- independent re-implementation of the original LLaVA-Med forward ------------------------
-
-def ref_vision_features(sd: dict, pixels: torch.Tensor, heads: int) -> torch.Tensor:
-    """CLIP ViT, hidden_states[-2] with the CLS row dropped: (B, P, H)."""
-    def w(name):
-        return sd[VP + name]
-
-    x = F.conv2d(pixels, w("embeddings.patch_embedding.weight"), stride=PATCH).flatten(2).transpose(1, 2)
-    cls = w("embeddings.class_embedding").expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + w("embeddings.position_embedding.weight")
-    x = F.layer_norm(x, x.shape[-1:], w("pre_layrnorm.weight"), w("pre_layrnorm.bias"), 1e-5)
-    states = [x]
-    B, T, H = x.shape
-    hd = H // heads
-    for i in range(VLAYERS):
-        p = f"encoder.layers.{i}."
-        h = F.layer_norm(x, (H,), w(p + "layer_norm1.weight"), w(p + "layer_norm1.bias"), 1e-5)
-        q, k, v = (F.linear(h, w(p + f"self_attn.{n}.weight"), w(p + f"self_attn.{n}.bias")).view(B, T, heads, hd).transpose(1, 2)
-                   for n in ("q_proj", "k_proj", "v_proj"))
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1) @ v
-        x = x + F.linear(att.transpose(1, 2).reshape(B, T, H), w(p + "self_attn.out_proj.weight"), w(p + "self_attn.out_proj.bias"))
-        h = F.layer_norm(x, (H,), w(p + "layer_norm2.weight"), w(p + "layer_norm2.bias"), 1e-5)
-        h = F.linear(h, w(p + "mlp.fc1.weight"), w(p + "mlp.fc1.bias"))
-        h = h * torch.sigmoid(1.702 * h)  # QuickGELU
-        x = x + F.linear(h, w(p + "mlp.fc2.weight"), w(p + "mlp.fc2.bias"))
-        states.append(x)
-    return states[-2][:, 1:]
-
-
-def rms(x, weight):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS) * weight
-
-
-def rotate_half(x):
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([-b, a], dim=-1)
-
-
-def ref_mistral(sd: dict, embeds: torch.Tensor) -> torch.Tensor:
-    """Mistral decoder (RoPE, GQA, causal) + final norm + lm_head over input embeddings (B, T, D)."""
-    B, T, _ = embeds.shape
-    hd = D // HEADS
-    inv = 1.0 / (ROPE_THETA ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-    ang = torch.arange(T, dtype=torch.float32)[:, None] * inv[None]
-    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-    causal = torch.full((T, T), float("-inf")).triu(1)
-    x = embeds
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        h = rms(x, sd[p + "input_layernorm.weight"])
-        q = F.linear(h, sd[p + "self_attn.q_proj.weight"]).view(B, T, HEADS, hd).transpose(1, 2)
-        k = F.linear(h, sd[p + "self_attn.k_proj.weight"]).view(B, T, KV_HEADS, hd).transpose(1, 2)
-        v = F.linear(h, sd[p + "self_attn.v_proj.weight"]).view(B, T, KV_HEADS, hd).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        k, v = k.repeat_interleave(HEADS // KV_HEADS, dim=1), v.repeat_interleave(HEADS // KV_HEADS, dim=1)
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + causal, dim=-1) @ v
-        x = x + F.linear(att.transpose(1, 2).reshape(B, T, D), sd[p + "self_attn.o_proj.weight"])
-        h = rms(x, sd[p + "post_attention_layernorm.weight"])
-        x = x + F.linear(F.silu(F.linear(h, sd[p + "mlp.gate_proj.weight"])) * F.linear(h, sd[p + "mlp.up_proj.weight"]),
-                         sd[p + "mlp.down_proj.weight"])
-    return F.linear(rms(x, sd["model.norm.weight"]), sd["lm_head.weight"])
-
-
 def ref_llava_med(sd: dict, before: list[int], after: list[int], pixels: torch.Tensor, heads: int) -> torch.Tensor:
-    """Original LLaVA-Med: one image placeholder in the text is replaced by the projected features."""
-    feats = ref_vision_features(sd, pixels, heads)
-    img = F.linear(F.gelu(F.linear(feats, sd["model.mm_projector.0.weight"], sd["model.mm_projector.0.bias"])),
-                   sd["model.mm_projector.2.weight"], sd["model.mm_projector.2.bias"])
-    emb = sd["model.embed_tokens.weight"]
-    seq = torch.cat([emb[torch.tensor(before)][None], img, emb[torch.tensor(after)][None]], dim=1)
-    return ref_mistral(sd, seq)
+    """Original LLaVA-Med: CLIP -> projector -> spliced -> Mistral (no biases), written in llava_reference."""
+    return ref_llava(sd, before, after, pixels, heads, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS,
+                     theta=ROPE_THETA, eps=RMS_EPS)
 
 
 # --- tests -------------------------------------------------------------------------------------
@@ -272,7 +143,7 @@ def test_converted_logits_match_original_forward(tmp_path, layout):
     gen = torch.Generator().manual_seed(7)
     pixels = torch.randn(1, 3, IMAGE, IMAGE, generator=gen)
     before, after = [1, 5, 9], [12, 3, 30]
-    n_img = (IMAGE // PATCH) ** 2
+    n_img = N_IMAGE
     ids = torch.tensor([before + [V] * n_img + after])
     with torch.no_grad():
         logits = model(input_ids=ids, pixel_values=pixels).logits

@@ -54,7 +54,7 @@ def llava_tokenizer_image_token(tokenizer, prompt, image_token_id):
     return ids
 
 
-@pytest.mark.parametrize("name", ["vicuna_v1", "mistral_instruct", "huatuo"])
+@pytest.mark.parametrize("name", ["vicuna_v1", "mistral_instruct", "huatuo", "huatuo_chat"])
 def test_tokenisation_matches_llava(any_student, name):
     _, tok, image_id = any_student
     t = get_template(name)
@@ -81,6 +81,57 @@ def test_tokenisation_matches_llava(any_student, name):
         assert q_idx == list(range(int(img[-1]) + 1, first_sup))
         tail = prompt.split("<image>", 1)[1]
         assert tok.decode(ids[qm].tolist()) == tail
+
+
+def huatuo_preprocess_v1(tokenizer, conversation, image_token_id):
+    """MedAlign's huatuoGPT_V/llava/train/train.py preprocess_v1 for one single-turn conversation,
+    written out: pad = unk (the reference sets pad_token = unk_token), rounds split at sep2, the
+    instruction masked up to len(tokens of "... <|assistant|>: ") - 1, the token after the round
+    (sep2) kept as the last supervised one; a length mismatch would mask everything."""
+    ids = llava_tokenizer_image_token(tokenizer, conversation, image_token_id)
+    targets = list(ids)
+    total_len = sum(1 for t in ids if t != tokenizer.unk_token_id)
+    sep = " " + "<|assistant|>" + ": "
+    cur_len = 0
+    for rou in conversation.split("<|endoftext|>"):
+        if rou == "":
+            break
+        parts = rou.split(sep)
+        if len(parts) != 2:
+            break
+        parts[0] += sep
+        round_len = len(llava_tokenizer_image_token(tokenizer, rou, image_token_id))
+        instruction_len = len(llava_tokenizer_image_token(tokenizer, parts[0], image_token_id)) - 1
+        targets[cur_len:cur_len + instruction_len] = [IGNORE_INDEX] * instruction_len
+        cur_len += round_len
+    targets[cur_len + 1:] = [IGNORE_INDEX] * len(targets[cur_len + 1:])
+    assert cur_len == total_len, "the reference would mask this whole sample"
+    return ids, targets
+
+
+@pytest.mark.parametrize("eos", ["<|endoftext|>", "<|im_end|>"])  # Qwen2 base / Qwen2-Instruct-style EOS
+def test_huatuo_supervision_matches_medalign_preprocess_v1(eos):
+    from student_train.tiny import qwen2_tokenizer
+    from test_templates import VICUNA_SYSTEM, huatuo_two_style
+
+    tok = qwen2_tokenizer()
+    tok.add_tokens(["<image>"], special_tokens=True)
+    tok.eos_token = eos  # the reference appends the text <|endoftext|> whatever the EOS is
+    image_id = tok.convert_tokens_to_ids("<image>")
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    t = get_template("huatuo")
+    roles = ("<|user|>", "<|assistant|>")
+    for q, a in [("Is there a mass?", "yes"), ("<image>\nWhere is the lesion located?", "right lower lobe"),
+                 ("How many?", "3")]:
+        msg = "<image>\n" + q.replace("<image>", "").strip()
+        conversation = huatuo_two_style(VICUNA_SYSTEM, roles, " ", "<|endoftext|>", [(roles[0], msg), (roles[1], a)])
+        ref_ids, ref_targets = huatuo_preprocess_v1(tok, conversation, image_id)
+        item = expand(encode_sample(tok, t, q, a, image_id), image_id, 1)  # one image id, as the reference's -200
+        assert item["input_ids"].tolist() == ref_ids
+        assert item["labels"].tolist() == ref_targets
+        sup = [i for i in ref_targets if i != IGNORE_INDEX]
+        assert sup[-1] == eot and sup.count(eot) == 1 and tok.decode(sup[:-1]) == " " + a
+        assert tok.bos_token_id is None and ref_ids[0] != image_id
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""Prompt templates: exact strings against LLaVA's / HuatuoGPT-Vision's reference formats."""
+"""Prompt templates: exact strings against LLaVA's, MedAlign's and HuatuoGPT-Vision's reference formats."""
 
 import json
 
@@ -59,8 +59,34 @@ def test_mistral_instruct_matches_llava():
     assert full + t.stop_str == llava_llama2_style("", [("USER", msg), ("ASSISTANT", "the liver")])
 
 
-def test_huatuo_matches_its_cli():
+def huatuo_two_style(system, roles, sep, sep2, messages):
+    """MedAlign's huatuoGPT_V/llava/conversation.py get_prompt for SeparatorStyle.TWO, written out:
+    unlike LLaVA's, a message is stripped, sep2 is followed by a space, and the result is stripped."""
+    ret = system + sep
+    for i, (role, message) in enumerate(messages):
+        if message:
+            ret += role + ": " + str(message).strip() + (sep2 + " " if i % 2 else sep)
+        else:
+            ret += role + ":"
+    return ret.strip()
+
+
+@pytest.mark.parametrize("question", ["What organ?", "<image>\nWhat organ?", " What organ? <image>"])
+def test_huatuo_matches_conv_huatuo_v1(question):
     t = get_template("huatuo")
+    msg = "<image>\n" + question.replace("<image>", "").strip()
+    roles = ("<|user|>", "<|assistant|>")
+    ref_prompt = huatuo_two_style(VICUNA_SYSTEM, roles, " ", "<|endoftext|>", [(roles[0], msg), (roles[1], None)])
+    ref_full = huatuo_two_style(VICUNA_SYSTEM, roles, " ", "<|endoftext|>", [(roles[0], msg), (roles[1], " liver ")])
+    prompt, full = t.build_training_text(question, " liver ")
+    assert prompt == t.build_prompt(question) == ref_prompt
+    assert full + t.stop_str == ref_full
+    assert prompt == (VICUNA_SYSTEM + " <|user|>: <image>\nWhat organ? <|assistant|>:")
+    assert full == prompt + " liver" and t.stop_str == "<|endoftext|>"
+
+
+def test_huatuo_chat_matches_its_cli():
+    t = get_template("huatuo_chat")
     # HuatuoGPT-Vision cli.py: f"<|user|>\n{h}\n<|assistant|>\n" with h = "<image>\n" + text, then f"{g} \n"
     assert t.build_prompt("What organ?") == "<|user|>\n<image>\nWhat organ?\n<|assistant|>\n"
     assert t.build_training_text("What organ?", "liver")[1] == "<|user|>\n<image>\nWhat organ?\n<|assistant|>\nliver \n"
