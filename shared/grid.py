@@ -12,6 +12,24 @@ import numpy as np
 from shared.errors import MedAlignError
 
 
+#: How the expert's patch features are resampled to the student grid when the grids differ
+#: (DESIGN.md 1, "Resampling"): ``norm-resample-norm`` L2-normalises each token, resamples, and
+#: L2-normalises each row again (the reference's UniMed-B notebook; the default); ``resample-norm``
+#: resamples the raw tokens and normalises once (the reference's BiomedCLIP notebook, and what caches
+#: written before the setting existed hold).
+RESAMPLE_ORDERS = ("norm-resample-norm", "resample-norm")
+DEFAULT_RESAMPLE_ORDER = "norm-resample-norm"
+#: The order of a cache whose manifest predates the ``resample_order`` key.
+LEGACY_RESAMPLE_ORDER = "resample-norm"
+
+
+def check_resample_order(order: str, what: str = "resample order") -> str:
+    """``order`` itself if it is one of :data:`RESAMPLE_ORDERS`, else a :class:`MedAlignError`."""
+    if order not in RESAMPLE_ORDERS:
+        raise MedAlignError(f"unknown {what} {order!r}; choose one of {', '.join(RESAMPLE_ORDERS)}")
+    return order
+
+
 def triangle_size(n: int) -> int:
     """Number of entries in the upper triangle of an n x n matrix, diagonal included."""
     return n * (n + 1) // 2

@@ -127,8 +127,10 @@ class Preprocess:
     """How an image becomes a normalised square tensor.
 
     ``geometry='pad'`` pads to a square with the mean colour, then resizes (the student's view);
-    ``'crop'`` resizes the short side and centre-crops (open_clip's stock evaluation transform).
-    Resizing is bicubic with PIL, as both CLIP and LLaVA processors do.
+    ``'crop'`` resizes the short side and centre-crops, pixel for pixel what open_clip's stock
+    evaluation transform ``image_transform(size, is_train=False)`` (torchvision ``Resize(size)`` +
+    ``CenterCrop(size)``) gives (DESIGN.md 1, "Geometry"). Resizing is bicubic with PIL (always
+    antialiased), as both CLIP and LLaVA processors do.
     """
 
     image_size: int
@@ -146,10 +148,15 @@ class Preprocess:
         resample = Image.Resampling.BICUBIC
         if self.geometry == "pad":
             return expand2square(img, mean_colour(self.mean)).resize((s, s), resample)
+        # torchvision Resize(s) on a PIL image (open_clip's eval transform, resize_mode 'shortest'):
+        # the short side becomes s, the long side int(s * long / short), truncated; no resize at all
+        # when the size already matches. Then CenterCrop(s): offsets int(round((side - s) / 2.0)).
         w, h = img.size
-        scale = s / min(w, h)
-        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-        img = img.resize((nw, nh), resample)
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(s * long / short)
+        nw, nh = (s, new_long) if w <= h else (new_long, s)
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), resample)
         left, top = int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))
         return img.crop((left, top, left + s, top + s))
 

@@ -24,6 +24,7 @@ from shared.cache import CacheWriter, Manifest, normalise_rel
 from shared.cache.manifest import INT8_SCALE
 from shared.cache.writer import DEFAULT_SHARD_SIZE
 from shared.errors import BadImageError, MedAlignError
+from shared.grid import DEFAULT_RESAMPLE_ORDER, check_resample_order
 from shared.images import Preprocess, decode_image, read_image_bytes, resolve_image_path, sha256_bytes
 from shared.records import load_records, record_image
 from teacher_cache.experts import get_expert, load_expert, weights_sha256
@@ -43,6 +44,7 @@ class BuildConfig:
     grid: int                        # student grid side G (N = G * G)
     out: Path                        # cache directory
     geometry: str = "pad"            # pad (the student's view) | crop (the reference's)
+    resample_order: str = DEFAULT_RESAMPLE_ORDER  # norm-resample-norm (the reference's) | resample-norm
     storage: str = "zarr"            # zarr | hdf5
     sim_dtype: str = "float16"       # float16 | int8
     batch_size: int = 32             # images per expert forward
@@ -65,6 +67,7 @@ class BuildConfig:
             raise MedAlignError("--device cuda requested but no CUDA device is available")
         if not self.data:
             raise MedAlignError("give at least one --data file")
+        check_resample_order(self.resample_order, "--resample-order")
 
 
 @dataclass
@@ -174,7 +177,7 @@ def build_cache(cfg: BuildConfig, stats: dict | None = None) -> Manifest:
     plan = plan_rows(cfg)
     wsha = weights_sha256(cfg.weights)
     identity = {"expert": spec.name, "weights_sha256": wsha, "grid": cfg.grid, "geometry": cfg.geometry,
-                "token_mode": spec.token_mode}
+                "token_mode": spec.token_mode, "resample_order": cfg.resample_order}
     n = cfg.grid * cfg.grid
     writer = CacheWriter(cfg.out, identity=identity, keys=plan.keys, index=plan.index, num_tokens=n,
                          storage=cfg.storage, sim_dtype=cfg.sim_dtype, shard_size=cfg.shard_size, resume=cfg.resume)
@@ -191,7 +194,7 @@ def build_cache(cfg: BuildConfig, stats: dict | None = None) -> Manifest:
     manifest = writer.finalize(
         expert=spec.name, arch=_arch_name(spec, cfg), weights_sha256=wsha, token_mode=spec.token_mode,
         preprocessing=expert.preprocess.to_json(), layer=layer_name(expert), patch_grid=expert.grid,
-        grid=cfg.grid, sources=plan.sources)
+        grid=cfg.grid, resample_order=cfg.resample_order, sources=plan.sources)
     return manifest
 
 
@@ -247,7 +250,7 @@ def _compute_shards(cfg: BuildConfig, writer: CacheWriter, expert, plan: Plan, p
                 if pixels is not None:
                     with torch.inference_mode():
                         e_v, e_a = expert.encode(pixels.to(cfg.device, non_blocking=True))
-                        sim, attn = teacher_signals(e_v, e_a, cfg.grid)
+                        sim, attn = teacher_signals(e_v, e_a, cfg.grid, cfg.resample_order)
                         tri = _encode_on_device(sim[:, upper], writer.sim_dtype)
                     local = [r - buf.rows.start for r in good]
                     buf.sim[local] = tri.cpu().numpy()

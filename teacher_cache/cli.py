@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from shared.errors import MedAlignError
+from shared.grid import DEFAULT_RESAMPLE_ORDER, RESAMPLE_ORDERS
 
 
 def _friendly(fn):
@@ -48,6 +49,12 @@ def _expert_choice():
               help="HF-format LLaVA model dir; its vision config gives the grid.")
 @click.option("--geometry", type=click.Choice(["pad", "crop"]), default="pad", show_default=True,
               help="pad = the student's pad-to-square view; crop = the reference's centre crop.")
+@click.option("--resample-order", type=click.Choice(list(RESAMPLE_ORDERS)), default=DEFAULT_RESAMPLE_ORDER,
+              show_default=True,
+              help="How a g x g expert's patch features reach the student's G x G grid (g != G): "
+                   "norm-resample-norm = L2-normalise, resample, L2-normalise again (the reference's UniMed-B "
+                   "notebook); resample-norm = resample the raw tokens, then normalise (its BiomedCLIP "
+                   "notebook). No effect when g == G.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache directory to create.")
 @click.option("--format", "storage", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
 @click.option("--dtype", "sim_dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True,
@@ -61,8 +68,8 @@ def _expert_choice():
 @click.option("--model-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="open_clip model config JSON for a UniMed-format checkpoint of a non-standard size.")
 @_friendly
-def build(expert, weights, data, image_root, grid, student, geometry, out, storage, sim_dtype, batch_size,
-          num_workers, device, shard_size, resume, skip_bad, model_config):
+def build(expert, weights, data, image_root, grid, student, geometry, resample_order, out, storage, sim_dtype,
+          batch_size, num_workers, device, shard_size, resume, skip_bad, model_config):
     """Run an expert CLIP once over the datasets and write the teacher cache."""
     from shared.grid import student_grid
     from teacher_cache.build import BuildConfig, build_cache
@@ -73,8 +80,8 @@ def build(expert, weights, data, image_root, grid, student, geometry, out, stora
     if student is not None:
         grid = student_grid(student)
     cfg = BuildConfig(expert=expert, weights=weights, data=tuple(data), image_root=image_root, grid=grid, out=out,
-                      geometry=geometry, storage=storage, sim_dtype=sim_dtype, batch_size=batch_size,
-                      num_workers=num_workers, device=device, resume=resume, skip_bad=skip_bad,
+                      geometry=geometry, resample_order=resample_order, storage=storage, sim_dtype=sim_dtype,
+                      batch_size=batch_size, num_workers=num_workers, device=device, resume=resume, skip_bad=skip_bad,
                       shard_size=shard_size, model_config=model_config)
     stats: dict = {}
     manifest = build_cache(cfg, stats)

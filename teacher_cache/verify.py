@@ -17,7 +17,8 @@ from teacher_cache.signals import teacher_signals
 
 def recompute_rows(reader: CacheReader, weights: Path, image_root: Path, rows: dict[int, str], device: str = "cpu",
                    model_config: Path | None = None) -> tuple[float, float]:
-    """Max abs differences (sim, attn) between stored rows and a fresh fp32 expert run."""
+    """Max abs differences (sim, attn) between stored rows and a fresh fp32 expert run (with the cache's
+    own geometry and resample order)."""
     m = reader.manifest
     if weights_sha256(weights) != m.weights_sha256:
         raise MedAlignError(f"--weights {weights} are not the weights this cache was built with "
@@ -30,7 +31,7 @@ def recompute_rows(reader: CacheReader, weights: Path, image_root: Path, rows: d
         if key != reader.keys()[row]:
             raise MedAlignError(f"{rel}: the image file changed since the cache was built")
         e_v, e_a = expert.encode(torch.from_numpy(expert.preprocess(img))[None].to(device))
-        sim, attn = teacher_signals(e_v, e_a, m.grid)
+        sim, attn = teacher_signals(e_v, e_a, m.grid, m.resample_order)
         c_sim, c_attn = reader.read(row)
         d_sim = max(d_sim, float(np.abs(sim[0].cpu().numpy() - c_sim).max()))
         d_attn = max(d_attn, float(np.abs(attn[0].cpu().numpy() - c_attn).max()))

@@ -3,6 +3,11 @@
 The manifest is the contract between ``medalign-cache build`` and every reader. It is written last
 and atomically, so a directory without one is an unfinished build. Reading checks the format
 version and rejects unknown keys (a newer writer's cache is refused, not misread).
+
+``resample_order`` (DESIGN.md 1, "Resampling") was added within format version 1: a manifest
+without it was written before the setting existed, when features were always resampled raw, so
+it reads as ``resample-norm`` (see :data:`shared.grid.LEGACY_RESAMPLE_ORDER`). Those caches stay
+readable; a build or ``--resume`` with the other order refuses to mix into them.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import MedAlignError
+from shared.grid import LEGACY_RESAMPLE_ORDER, check_resample_order
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -21,6 +27,8 @@ INDEX_NAME = "index.json"
 STORAGES = ("zarr", "hdf5")
 SIM_DTYPES = ("float16", "int8")
 INT8_SCALE = 127.0
+_ORDER_WORDS = {"norm-resample-norm": "L2-normalise, resample, L2-normalise again",
+                "resample-norm": "raw tokens resampled, then L2-normalised"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class Manifest:
     layer: str                       # which block the signals come from
     patch_grid: int                  # g: the expert's own patch grid side
     grid: int                        # G: the student's grid side the signals were resampled to
+    resample_order: str              # norm-resample-norm | resample-norm: how E_v went from g to G
     storage: str                     # zarr | hdf5
     sim_dtype: str                   # float16 | int8
     rows: int                        # number of rows (unique images)
@@ -60,6 +69,7 @@ class Manifest:
             raise MedAlignError(f"manifest: unknown sim dtype {self.sim_dtype!r}; expected one of {SIM_DTYPES}")
         if self.grid <= 0 or self.patch_grid <= 0:
             raise MedAlignError("manifest: grid sizes must be positive")
+        check_resample_order(self.resample_order, "manifest resample_order")
 
     @property
     def num_tokens(self) -> int:
@@ -86,6 +96,8 @@ class Manifest:
             raise MedAlignError(
                 f"{source}: cache format version {version!r} is not supported (this tool reads version "
                 f"{FORMAT_VERSION}); rebuild the cache or use a matching medalign version")
+        if "resample_order" not in data:  # written before the setting existed: raw tokens resampled
+            data = {**data, "resample_order": LEGACY_RESAMPLE_ORDER}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -112,10 +124,16 @@ class Manifest:
         return cls.from_json(data, str(path))
 
     def identity(self) -> dict[str, Any]:
-        """What makes two caches interchangeable for a student: expert, weights, geometry, grid, tokens."""
+        """What makes two caches interchangeable for a student: expert, weights, geometry, grid, tokens,
+        resample order."""
         return {"expert": self.expert, "weights_sha256": self.weights_sha256, "grid": self.grid,
                 "geometry": self.geometry, "token_mode": self.token_mode, "patch_grid": self.patch_grid,
-                "sim_dtype": self.sim_dtype}
+                "resample_order": self.resample_order, "sim_dtype": self.sim_dtype}
+
+    @property
+    def resampled(self) -> bool:
+        """Whether the features were resampled at all (g != G); the resample order matters only then."""
+        return self.patch_grid != self.grid
 
     def describe(self) -> str:
         pp = self.preprocessing
@@ -126,6 +144,8 @@ class Manifest:
             f"mean {pp.get('mean')}, std {pp.get('std')}",
             f"grid          expert {self.patch_grid}x{self.patch_grid} -> student {self.grid}x{self.grid} "
             f"(N = {self.num_tokens})",
+            f"resampling    bilinear, features {self.resample_order} ({_ORDER_WORDS[self.resample_order]})"
+            + ("" if self.resampled else " (no effect: the grids match, nothing was resampled)"),
             f"encoding      sim {self.sim_dtype} packed triangle ({self.num_tokens * (self.num_tokens + 1) // 2} "
             f"values/row), attn float32, storage {self.storage}, {self.compression or 'compression not recorded'}",
             f"rows          {self.rows} in {len(self.shards)} shard(s) of up to {self.shard_size}",

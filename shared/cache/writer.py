@@ -22,12 +22,12 @@ from shared.cache.manifest import INDEX_NAME, INT8_SCALE, MANIFEST_NAME, STORAGE
 from shared.cache.storage import STAGING, make_storage
 from shared.errors import MedAlignError
 from shared.fileio import atomic_write_json
-from shared.grid import pack_triangle
+from shared.grid import DEFAULT_RESAMPLE_ORDER, LEGACY_RESAMPLE_ORDER, pack_triangle
 
 PROGRESS = ".progress"
 DEFAULT_SHARD_SIZE = 256
 #: Keys of the identity that another build into the same --out must share.
-IDENTITY_KEYS = ("expert", "weights_sha256", "grid", "geometry", "token_mode")
+IDENTITY_KEYS = ("expert", "weights_sha256", "grid", "geometry", "token_mode", "resample_order")
 
 
 def normalise_rel(path: str) -> str:
@@ -74,6 +74,9 @@ class CacheWriter:
             raise MedAlignError(f"unknown --dtype {sim_dtype!r}; choose one of {', '.join(SIM_DTYPES)}")
         if shard_size < 1:
             raise MedAlignError("shard size must be >= 1")
+        missing = [k for k in IDENTITY_KEYS if k not in identity]
+        if missing:
+            raise ValueError(f"CacheWriter identity lacks {missing}")
         self.out = Path(out)
         self.keys, self.num_tokens, self.shard_size = list(keys), num_tokens, shard_size
         self.index = {normalise_rel(k): int(v) for k, v in index.items()}
@@ -93,6 +96,8 @@ class CacheWriter:
             ours = self.plan["identity"]
             theirs = existing.identity()
             diff = {k: (theirs.get(k), ours.get(k)) for k in IDENTITY_KEYS if theirs.get(k) != ours.get(k)}
+            if not existing.resampled:  # g == G: nothing was resampled, both orders give the same arrays
+                diff.pop("resample_order", None)
             if diff:
                 parts = ", ".join(f"{k}: existing {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
                 raise MedAlignError(f"--out {self.out} already holds a different cache ({parts}); "
@@ -113,10 +118,18 @@ class CacheWriter:
                 old = json.loads((progress / "plan.json").read_text())
             except (FileNotFoundError, json.JSONDecodeError):
                 old = None
-            if old is not None and old != json.loads(json.dumps(self.plan)):
-                changed = [k for k in self.plan if old.get(k) != json.loads(json.dumps(self.plan[k]))]
+            if old is not None and isinstance(old.get("identity"), dict):
+                # a plan from before the setting existed resampled the raw tokens (see Manifest)
+                old["identity"].setdefault("resample_order", LEGACY_RESAMPLE_ORDER)
+            ours = json.loads(json.dumps(self.plan))
+            if old is not None and old != ours:
+                changed = [k for k in ours if old.get(k) != ours[k]]
+                theirs_id, ours_id = old.get("identity") or {}, ours["identity"]
+                sides = [f"{k}: unfinished {theirs_id.get(k)!r} vs requested {ours_id.get(k)!r}"
+                         for k in sorted(set(theirs_id) | set(ours_id)) if theirs_id.get(k) != ours_id.get(k)]
                 raise MedAlignError(f"--resume: the unfinished build in {self.out} was started with different "
-                                    f"settings or inputs (differs in: {', '.join(changed)}); use a new --out")
+                                    f"settings or inputs (differs in: {', '.join(changed)}"
+                                    + (f"; {', '.join(sides)}" if sides else "") + "); use a new --out")
         elif self.out.exists() and any(self.out.iterdir()):
             raise MedAlignError(f"--out {self.out} exists and is not empty (and is not a MedAlign cache); "
                                 "refusing to write into it")
@@ -160,7 +173,7 @@ class CacheWriter:
 
     # -- finish ----------------------------------------------------------------------------------
     def finalize(self, *, expert: str, arch: str, weights_sha256: str, token_mode: str,
-                 preprocessing: dict[str, Any], layer: str, patch_grid: int, grid: int,
+                 preprocessing: dict[str, Any], layer: str, patch_grid: int, grid: int, resample_order: str,
                  sources: list[dict[str, Any]] | None = None) -> Manifest:
         """Write index.json, then manifest.json (atomically, last), then drop the progress files."""
         if self.complete:
@@ -179,6 +192,7 @@ class CacheWriter:
         manifest = Manifest(
             expert=expert, arch=arch, weights_sha256=weights_sha256, token_mode=token_mode,
             preprocessing=preprocessing, layer=layer, patch_grid=patch_grid, grid=grid,
+            resample_order=resample_order,
             storage=self.storage.name, sim_dtype=self.sim_dtype, rows=len(self.keys), shard_size=self.shard_size,
             compression=self.storage.compression,
             shards=shards, failures=failures, sources=sources or [],
@@ -193,7 +207,7 @@ class CacheWriter:
 def write_cache(out: str | Path, sims: np.ndarray, attns: np.ndarray, keys: list[str], index: dict[str, int], *,
                 expert: str = "test", format: str = "zarr", dtype: str = "float16",
                 shard_size: int = DEFAULT_SHARD_SIZE, patch_grid: int | None = None,
-                geometry: str = "pad") -> Path:
+                geometry: str = "pad", resample_order: str = DEFAULT_RESAMPLE_ORDER) -> Path:
     """Write a cache straight from arrays: ``sims`` (R, N, N), ``attns`` (R, N). For tests and tools.
 
     ``sims`` only needs ``.shape`` and row slicing, so a lazy or memory-mapped array works.
@@ -203,7 +217,8 @@ def write_cache(out: str | Path, sims: np.ndarray, attns: np.ndarray, keys: list
     grid = int(round(n ** 0.5))
     if grid * grid != n or tuple(sims.shape) != (rows, n, n) or len(keys) != rows:
         raise ValueError(f"inconsistent shapes: sims {sims.shape}, attns {attns.shape}, {len(keys)} keys")
-    identity = {"expert": expert, "weights_sha256": "0" * 64, "grid": grid, "geometry": geometry, "token_mode": "raw"}
+    identity = {"expert": expert, "weights_sha256": "0" * 64, "grid": grid, "geometry": geometry, "token_mode": "raw",
+                "resample_order": resample_order}
     writer = CacheWriter(out, identity=identity, keys=keys, index=index, num_tokens=n, storage=format,
                          sim_dtype=dtype, shard_size=shard_size)
     for s in writer.pending_shards():
@@ -212,5 +227,5 @@ def write_cache(out: str | Path, sims: np.ndarray, attns: np.ndarray, keys: list
     writer.finalize(expert=expert, arch="synthetic", weights_sha256="0" * 64, token_mode="raw",
                     preprocessing={"image_size": 0, "mean": [0, 0, 0], "std": [1, 1, 1], "geometry": geometry,
                                    "interpolation": "bicubic"},
-                    layer="last block", patch_grid=patch_grid or grid, grid=grid)
+                    layer="last block", patch_grid=patch_grid or grid, grid=grid, resample_order=resample_order)
     return Path(out)

@@ -118,7 +118,8 @@ def test_refuses_other_identity_and_nonempty_dirs(tmp_path):
 
 def test_unfinished_build_needs_resume_and_is_not_readable(tmp_path):
     sims, attns, keys, index = _fixture(rows=5)
-    ident = {"expert": "x", "weights_sha256": "0", "grid": 3, "geometry": "pad", "token_mode": "raw"}
+    ident = {"expert": "x", "weights_sha256": "0", "grid": 3, "geometry": "pad", "token_mode": "raw",
+             "resample_order": "norm-resample-norm"}
     w = CacheWriter(tmp_path / "c", identity=ident, keys=keys, index=index, num_tokens=9, shard_size=2)
     w.write_shard(0, sims[:2], attns[:2])
     with pytest.raises(MedAlignError, match="unfinished build"):

@@ -141,13 +141,26 @@ def bilinear(maps: np.ndarray, size: int) -> np.ndarray:
     return np.einsum("oi,...ij,pj->...op", r, maps, r)
 
 
-def signals(e_v: np.ndarray, e_a: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """S_e (B, N, N) and attention (B, N) on the G x G grid, float64."""
+def l2_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def signals(e_v: np.ndarray, e_a: np.ndarray, grid: int,
+            order: str = "norm-resample-norm") -> tuple[np.ndarray, np.ndarray]:
+    """S_e (B, N, N) and attention (B, N) on the G x G grid, float64.
+
+    ``order='norm-resample-norm'`` L2-normalises the tokens before resampling them (the reference
+    notebooks); ``'resample-norm'`` resamples the raw tokens. Both normalise the resampled rows.
+    """
     e_v, e_a = _np(e_v), _np(e_a)
     bsz, m, dim = e_v.shape
     g = int(round(math.sqrt(m)))
+    if order == "norm-resample-norm":
+        e_v = l2_rows(e_v)
+    else:
+        assert order == "resample-norm", order
     maps = e_v.transpose(0, 2, 1).reshape(bsz, dim, g, g)
     feats = bilinear(maps, grid).reshape(bsz, dim, grid * grid).transpose(0, 2, 1)
-    feats = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
+    feats = l2_rows(feats)
     attn = bilinear(e_a.reshape(bsz, g, g), grid).reshape(bsz, grid * grid)
     return feats @ feats.transpose(0, 2, 1), attn

@@ -181,6 +181,87 @@ def test_out_holding_another_cache_is_refused(tiny, tmp_path):
     _run(_args(tiny, tmp_path / "c", "--resume"))  # same build: nothing to do, accepted
 
 
+def test_resample_order_is_recorded_shown_and_never_mixed(tiny, tmp_path):
+    """A cache built with one resample order is another cache: --out / --resume refuse the other one,
+    naming both sides; info shows it; verify --recompute recomputes with the recorded order."""
+    _run(_args(tiny, tmp_path / "ref"))  # default: the reference's order
+    _run(_args(tiny, tmp_path / "raw", "--resample-order", "resample-norm"))
+    ref, raw = open_cache(tmp_path / "ref"), open_cache(tmp_path / "raw")
+    assert ref.manifest.resample_order == "norm-resample-norm" and raw.manifest.resample_order == "resample-norm"
+    assert ref.manifest.patch_grid == 4 and ref.manifest.grid == 6
+    assert np.abs(_arrays(tmp_path / "ref")["sim"] - _arrays(tmp_path / "raw")["sim"]).max() > 1e-2
+    before = (tmp_path / "ref" / "manifest.json").read_text()
+    out = _run(_args(tiny, tmp_path / "ref", "--resample-order", "resample-norm", "--resume"), expect=2)
+    assert "resample_order: existing 'norm-resample-norm' vs requested 'resample-norm'" in out
+    out = _run(_args(tiny, tmp_path / "raw", "--resume"), expect=2)
+    assert "resample_order: existing 'resample-norm' vs requested 'norm-resample-norm'" in out
+    assert (tmp_path / "ref" / "manifest.json").read_text() == before
+    _run(_args(tiny, tmp_path / "raw", "--resample-order", "resample-norm", "--resume"))  # same build: accepted
+    out = _run(_args(tiny, tmp_path / "x", "--resample-order", "sideways"), expect=2)
+    assert "norm-resample-norm" in out and "resample-norm" in out
+
+    out = _run(["info", str(tmp_path / "raw")])
+    assert "features resample-norm (raw tokens resampled, then L2-normalised)" in out
+    assert "features norm-resample-norm (L2-normalise, resample, L2-normalise again)" in _run(
+        ["info", str(tmp_path / "ref")])
+    assert json.loads(_run(["info", "--json", str(tmp_path / "raw")]))["resample_order"] == "resample-norm"
+    for cache in ("ref", "raw"):  # each verifies against its own order (the two differ by > 1e-2)
+        out = _run(["verify", str(tmp_path / cache), "--recompute", "4", "--weights", str(tiny / "tiny-b.pt"),
+                    "--model-config", str(tiny / "cfg.json"), "--image-root", str(tiny / "images"),
+                    "--tolerance", "1e-3"])
+        assert "recomputed 4 rows" in out
+
+
+def test_old_cache_without_resample_order_is_the_raw_order(tiny, tmp_path):
+    """A manifest written before the setting reads as resample-norm: --resume with the new default is
+    refused, with the old order it is the same cache. With g == G nothing was resampled and either
+    order is accepted."""
+    _run(_args(tiny, tmp_path / "old", "--resample-order", "resample-norm"))
+    path = tmp_path / "old" / "manifest.json"
+    data = json.loads(path.read_text())
+    del data["resample_order"]
+    path.write_text(json.dumps(data))
+    out = _run(_args(tiny, tmp_path / "old", "--resume"), expect=2)
+    assert "resample_order: existing 'resample-norm' vs requested 'norm-resample-norm'" in out
+    _run(_args(tiny, tmp_path / "old", "--resample-order", "resample-norm", "--resume"))
+    assert "features resample-norm" in _run(["info", str(tmp_path / "old")])
+
+    same = _args(tiny, tmp_path / "same")
+    same[same.index("6")] = "4"  # the tiny expert's own grid
+    _run(same + ["--resample-order", "resample-norm"])
+    path = tmp_path / "same" / "manifest.json"
+    data = json.loads(path.read_text())
+    del data["resample_order"]
+    path.write_text(json.dumps(data))
+    assert "no effect: the grids match" in _run(["info", str(tmp_path / "same")])
+    _run(same + ["--resume"])  # identical arrays either way: not refused
+
+
+def test_unfinished_build_refuses_the_other_resample_order(tiny, tmp_path, monkeypatch):
+    import shared.cache.writer as w
+    orig = w.CacheWriter.write_shard
+
+    def one_shard_then_die(self, *a, **k):
+        orig(self, *a, **k)
+        raise RuntimeError("killed after one shard")
+
+    monkeypatch.setattr(w.CacheWriter, "write_shard", one_shard_then_die)
+    res = CliRunner().invoke(main, _args(tiny, tmp_path / "c"))
+    assert res.exit_code != 0 and not (tmp_path / "c" / "manifest.json").exists()
+    monkeypatch.setattr(w.CacheWriter, "write_shard", orig)
+    out = _run(_args(tiny, tmp_path / "c", "--resample-order", "resample-norm", "--resume"), expect=2)
+    assert "resample_order: unfinished 'norm-resample-norm' vs requested 'resample-norm'" in out
+    # a plan written before the setting existed was the raw order
+    plan_path = tmp_path / "c" / ".progress" / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    del plan["identity"]["resample_order"]
+    plan_path.write_text(json.dumps(plan))
+    out = _run(_args(tiny, tmp_path / "c", "--resume"), expect=2)
+    assert "resample_order: unfinished 'resample-norm' vs requested 'norm-resample-norm'" in out
+    _run(_args(tiny, tmp_path / "c", "--resample-order", "resample-norm", "--resume"))
+    assert open_cache(tmp_path / "c").manifest.resample_order == "resample-norm"
+
+
 def test_student_dir_gives_the_grid(tiny, tmp_path):
     student = tmp_path / "student"
     student.mkdir()
