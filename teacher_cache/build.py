@@ -24,7 +24,7 @@ from shared.cache import CacheWriter, Manifest, normalise_rel
 from shared.cache.manifest import INT8_SCALE
 from shared.cache.writer import DEFAULT_SHARD_SIZE
 from shared.errors import BadImageError, MedAlignError
-from shared.grid import DEFAULT_RESAMPLE_ORDER, check_resample_order
+from shared.grid import check_resample_order
 from shared.images import Preprocess, decode_image, read_image_bytes, resolve_image_path, sha256_bytes
 from shared.records import load_records, record_image
 from teacher_cache.experts import get_expert, load_expert, weights_sha256
@@ -44,7 +44,7 @@ class BuildConfig:
     grid: int                        # student grid side G (N = G * G)
     out: Path                        # cache directory
     geometry: str = "pad"            # pad (the student's view) | crop (the reference's)
-    resample_order: str = DEFAULT_RESAMPLE_ORDER  # norm-resample-norm (the reference's) | resample-norm
+    resample_order: str | None = None  # norm-resample-norm | resample-norm; None: the expert's (its notebook's)
     storage: str = "zarr"            # zarr | hdf5
     sim_dtype: str = "float16"       # float16 | int8
     batch_size: int = 32             # images per expert forward
@@ -67,6 +67,8 @@ class BuildConfig:
             raise MedAlignError("--device cuda requested but no CUDA device is available")
         if not self.data:
             raise MedAlignError("give at least one --data file")
+        if self.resample_order is None:
+            object.__setattr__(self, "resample_order", get_expert(self.expert).resample_order)
         check_resample_order(self.resample_order, "--resample-order")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from shared.errors import MedAlignError
-from shared.grid import DEFAULT_RESAMPLE_ORDER, RESAMPLE_ORDERS
+from shared.grid import RESAMPLE_ORDERS
 
 
 def _friendly(fn):
@@ -49,12 +49,11 @@ def _expert_choice():
               help="HF-format LLaVA model dir; its vision config gives the grid.")
 @click.option("--geometry", type=click.Choice(["pad", "crop"]), default="pad", show_default=True,
               help="pad = the student's pad-to-square view; crop = the reference's centre crop.")
-@click.option("--resample-order", type=click.Choice(list(RESAMPLE_ORDERS)), default=DEFAULT_RESAMPLE_ORDER,
-              show_default=True,
+@click.option("--resample-order", type=click.Choice(list(RESAMPLE_ORDERS)), default=None,
               help="How a g x g expert's patch features reach the student's G x G grid (g != G): "
                    "norm-resample-norm = L2-normalise, resample, L2-normalise again (the reference's UniMed-B "
                    "notebook); resample-norm = resample the raw tokens, then normalise (its BiomedCLIP "
-                   "notebook). No effect when g == G.")
+                   "notebook). Default: the expert's own notebook's order. No effect when g == G.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache directory to create.")
 @click.option("--format", "storage", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
 @click.option("--dtype", "sim_dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True,

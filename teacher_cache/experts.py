@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared.errors import MedAlignError
+from shared.grid import DEFAULT_RESAMPLE_ORDER
 from shared.images import Preprocess, sha256_file
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -81,6 +82,9 @@ class ExpertSpec:
     """'unimed-pt' (a training checkpoint file) or 'open-clip-dir' (config + weights directory)."""
     quick_gelu: bool = False
     """QuickGELU MLP activations (OpenAI/UniMed ViTs). Ignored by timm trunks."""
+    resample_order: str = DEFAULT_RESAMPLE_ORDER
+    """The default feature resampling order when g != G: the reference notebook's for this expert
+    (``norm-resample-norm``: UniMed-B; ``resample-norm``: BiomedCLIP)."""
     description: str = ""
 
     def __post_init__(self):
@@ -115,6 +119,7 @@ EXPERTS: dict[str, ExpertSpec] = {
     "biomedclip": ExpertSpec(
         name="biomedclip", arch=None, image_size=224, grid=14,
         mean=OPENAI_MEAN, std=OPENAI_STD, token_mode="proj", weight_format="open-clip-dir", quick_gelu=False,
+        resample_order="resample-norm",  # Distill_data_biomed/Similarity_matrix.ipynb resamples raw tokens
         description="BiomedCLIP (timm ViT-B/16 @224 trunk, 14x14 = 196 patches, 512-d projected tokens); "
                     "weights: the open_clip directory (open_clip_config.json + open_clip_pytorch_model.bin)"),
 }

@@ -136,3 +136,18 @@ def test_manifest_without_the_key_reads_as_the_old_raw_order(tmp_path):
     assert reader.manifest.resample_order == "resample-norm"
     assert reader.manifest.format_version == 1
     np.testing.assert_array_equal(reader.read(1)[0], np.eye(4))
+
+
+def test_default_order_is_each_experts_notebook(tmp_path):
+    """UniMed-B's notebook normalises before and after resampling; BiomedCLIP's resamples the raw
+    tokens (Distill_data_biomed/Similarity_matrix.ipynb). An explicit --resample-order wins."""
+    from teacher_cache.build import BuildConfig
+
+    def cfg(expert, order=None):
+        return BuildConfig(expert=expert, weights=tmp_path / "w", data=(tmp_path / "d.json",), image_root=tmp_path,
+                           grid=24, out=tmp_path / "c", resample_order=order)
+
+    assert cfg("unimed-b").resample_order == "norm-resample-norm"
+    assert cfg("unimed-l").resample_order == "norm-resample-norm"
+    assert cfg("biomedclip").resample_order == "resample-norm"
+    assert cfg("biomedclip", "norm-resample-norm").resample_order == "norm-resample-norm"
