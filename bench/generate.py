@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.generate import DTYPES, DecodingConfig, generate_ids, load_generator  # noqa: E402
+from evaluation.generate import DecodingConfig, generate_ids, load_generator  # noqa: E402
+from shared.runtime import DTYPE_NAMES, torch_dtype  # noqa: E402
 from student_train.tiny import save_tiny_llava  # noqa: E402
 
 PRESETS = {
@@ -64,7 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="medium")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     ap.add_argument("--batch-size", type=int, default=8, help="the batched size compared with batch 1")
     ap.add_argument("--questions", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -76,7 +77,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_tiny_llava(Path(tmp) / "student", "mistral", template="vicuna_v1", **PRESETS[args.preset])
-        gen = load_generator(model_dir, dtype=DTYPES[args.dtype], device=args.device)
+        gen = load_generator(model_dir, dtype=torch_dtype(args.dtype), device=args.device)
     size = gen.model.config.vision_config.image_size
     g = torch.Generator().manual_seed(0)
     qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.questions)]

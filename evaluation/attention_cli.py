@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from evaluation.generate_cli import DTYPE_NAMES
+from shared.runtime import DTYPE_NAMES
 
 
 @click.command()
@@ -31,7 +31,8 @@ def attention(model, adapter, image, question, out, layer, map_out, template, ma
               trust_remote_code) -> None:
     """Draw the attention from the question tokens to the image patches at one layer, with the answer."""
     from evaluation.attention_map import default_layer, write_attention_figure
-    from evaluation.generate import DTYPES, load_generator, resolve_device
+    from evaluation.generate import load_generator
+    from shared.runtime import resolve_device, torch_dtype
     from shared.errors import MedAlignError
     from student_train.model import num_layers
 
@@ -39,7 +40,7 @@ def attention(model, adapter, image, question, out, layer, map_out, template, ma
         raise MedAlignError(f"--image {image} not found")
     if max_new_tokens < 1:
         raise MedAlignError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    gen = load_generator(model, adapter, template=template, dtype=DTYPES[dtype], device=resolve_device(device),
+    gen = load_generator(model, adapter, template=template, dtype=torch_dtype(dtype), device=resolve_device(device),
                          trust_remote_code=trust_remote_code)
     n = num_layers(gen.model)
     if layer is None:

@@ -43,6 +43,7 @@ from typing import Any, Callable
 import torch
 
 from shared.errors import MedAlignError
+from shared.runtime import check_device_flag, check_dtype_name, resolve_device, torch_dtype
 from shared.images import expand2square, load_image, mean_colour, resolve_image_path
 from shared.records import (IMAGE_PLACEHOLDER, answer_type, load_records, question_text, read_json, record_id,
                             record_image)
@@ -50,7 +51,6 @@ from student_train.templates import PromptTemplate, get_template, template_for_m
 
 DECODINGS = ("greedy", "beam", "nucleus")
 CLOSED_SUFFIX_MODES = ("auto", "always", "never")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: ``--dtype auto`` / ``--max-new-tokens auto`` resolve per student family (:func:`student_family`).
 AUTO = "auto"
 
@@ -190,8 +190,7 @@ class GenerateConfig:
             raise MedAlignError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.limit is not None and int(self.limit) < 1:
             raise MedAlignError(f"--limit must be >= 1, got {self.limit}")
-        if self.dtype != AUTO and self.dtype not in DTYPES:
-            raise MedAlignError(f"unknown --dtype {self.dtype!r}; valid: {AUTO}, {', '.join(DTYPES)}")
+        check_dtype_name(self.dtype, extra=(AUTO,))
 
     def resolved(self, family: StudentFamily, device: torch.device) -> "GenerateConfig":
         """A copy with every ``auto`` replaced: the family's ``max_new_tokens``, and its half precision
@@ -202,16 +201,7 @@ class GenerateConfig:
         return dataclasses.replace(self, dtype=dtype, decoding=self.decoding.resolved(family))
         if self.closed_suffix not in CLOSED_SUFFIX_MODES:
             raise MedAlignError(f"unknown --closed-suffix {self.closed_suffix!r}; valid: {', '.join(CLOSED_SUFFIX_MODES)}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise MedAlignError(f"--device must be auto, cpu, cuda or cuda:K, got {self.device!r}")
-
-
-def resolve_device(flag: str) -> torch.device:
-    if flag == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if flag.startswith("cuda") and not torch.cuda.is_available():
-        raise MedAlignError(f"--device {flag}: CUDA is not available on this machine")
-    return torch.device(flag)
+        check_device_flag(self.device)
 
 
 def student_family(model_dir: str | Path) -> StudentFamily:
@@ -662,7 +652,7 @@ def run_generate(cfg: GenerateConfig, *, log: Callable[[str], None] = print, pro
         log(f"{out}: all {len(questions)} questions already answered")
         return summary
 
-    gen = load_generator(cfg.model, cfg.adapter, template=cfg.template, dtype=DTYPES[cfg.dtype], device=device,
+    gen = load_generator(cfg.model, cfg.adapter, template=cfg.template, dtype=torch_dtype(cfg.dtype), device=device,
                          trust_remote_code=cfg.trust_remote_code)
     log(f"model {mid} on {device} ({cfg.dtype}); template {gen.template.name} ({gen.template_source}); "
         f"{gen.num_image_tokens} image tokens; decoding {cfg.decoding.mode}"

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
+from shared.runtime import DTYPE_NAMES
+
 # The choices, spelled here so that importing the CLI does not import torch (evaluation.generate
 # holds the same tuples; tests check they agree).
 DECODINGS = ("greedy", "beam", "nucleus")
 CLOSED_SUFFIX_MODES = ("auto", "always", "never")
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 @click.command()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import MedAlignError
+from shared.runtime import check_device_flag
 
 #: How E_a and M_a are normalised before the KL (student_train/losses.py); the first is the default,
 #: the reference code's (what the published runs used).
@@ -201,8 +202,7 @@ class RunArgs:
         _positive("--save-every", self.save_every, allow_zero=True)
         _positive("--keep-checkpoints", self.keep_checkpoints)
         _positive("--stop-after", self.stop_after)
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise MedAlignError(f"--device must be auto, cpu, cuda or cuda:K, got {self.device!r}")
+        check_device_flag(self.device)
 
 
 GROUPS = {"data": DataArgs, "model": ModelArgs, "lora": LoraArgs, "align": AlignArgs, "optim": OptimArgs,

@@ -38,6 +38,7 @@ import torch
 
 from shared.errors import MedAlignError
 from shared.fileio import atomic_write_json
+from shared.runtime import resolve_device
 from student_train.config import RESUMABLE_CHANGES, TrainConfig
 from student_train.data import (Collator, DataStats, RankSampler, Sample, TrainDataset, build_samples,
                                 load_image_processor)
@@ -203,15 +204,11 @@ def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
     """Read torchrun's environment, pick the device, init the process group when WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dist = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if device_flag == "auto":
-        device_flag = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_flag.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MedAlignError("--device cuda but no CUDA device is available")
-        device = torch.device(f"cuda:{dist.local_rank}" if device_flag == "cuda" else device_flag)
+    device = resolve_device(device_flag)
+    if device.type == "cuda":
+        if device_flag in ("auto", "cuda"):  # under torchrun each rank takes its own GPU
+            device = torch.device(f"cuda:{dist.local_rank}")
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if dist.enabled and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist, device
