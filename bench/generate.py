@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.generate import DecodingConfig, generate_ids, load_generator  # noqa: E402
+from evaluation.generate import generate_ids, load_generator  # noqa: E402
+from evaluation.generate_config import DecodingConfig  # noqa: E402
 from shared.runtime import DTYPE_NAMES, torch_dtype  # noqa: E402
 from student_train.tiny import save_tiny_llava  # noqa: E402
 

@@ -1,12 +1,11 @@
 """The student's question-to-image attention at one decoder layer, drawn over the image (paper Fig. 6).
 
-For one image and one question the prompt is built exactly as for generation
-(:func:`evaluation.generate.encode_prompt`). One prefill forward runs with the language model
-switched to eager attention; a forward hook on ``layers[L].self_attn`` keeps that layer's
-probabilities ``[1, H, T, T]`` (only that layer's: a one-off visualisation, no T x T matrix is
-kept for the other layers). The map is the probability from the query rows (the prompt tokens
-after the image, up to the end of the prompt: the rows of L_att) to the N image-token columns,
-averaged over heads and over the query rows: ``M_a`` [N], reshaped to the G x G patch grid.
+For one image and one question the prompt is built exactly as for generation and training
+(:func:`student_train.inputs.encode_prompt`). One prefill forward runs through the capture that
+training uses for ``L_att`` (:func:`student_train.alignment.capture_attention`: the same ``M_a``,
+SDPA everywhere, the probabilities recomputed for the query rows of ``layers[L]`` only): the
+probability from the query rows (the prompt tokens after the image, up to the end of the prompt) to
+the N image-token columns, averaged over heads and over the query rows, reshaped to the G x G grid.
 With a training run, W rotates the prefill's visual positions as in generation, so a layer
 ``L >= l`` sees the rotated states.
 
@@ -27,7 +26,6 @@ import torch
 
 from shared.errors import MedAlignError
 from shared.images import expand2square, load_image
-from student_train.alignment import decoder_layers, unwrap
 
 DEFAULT_LAYER = 20
 
@@ -86,39 +84,19 @@ def question_attention(gen, question: str, pixels: torch.Tensor, layer: int) -> 
     Returns:
         (attn [N] float32 numpy, number of query rows).
     """
-    from evaluation.generate import encode_prompt
+    from student_train.alignment import capture_attention
+    from student_train.inputs import encode_prompt
 
-    base = unwrap(gen.model)
-    layers = decoder_layers(base)
-    if not 0 <= layer < len(layers):
-        raise MedAlignError(f"--layer {layer} is out of range: the student has {len(layers)} decoder layers "
-                            f"(valid 0..{len(layers) - 1})")
     ids, q_start = encode_prompt(gen.tokenizer, gen.template, question, gen.image_token_id, gen.num_image_tokens,
                                  add_bos=gen.add_bos)
     if q_start >= len(ids):
         raise MedAlignError("the prompt has no token after the image; nothing attends to it")
     input_ids = torch.tensor([ids], device=gen.device)
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(_module, _args, output):
-        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        if weights is None:
-            raise RuntimeError("the attention module returned no probabilities (eager attention expected)")
-        captured["w"] = weights.detach()
-
-    previous = base.config.text_config._attn_implementation
-    base.set_attn_implementation({"text_config": "eager"})
-    handle = layers[layer].self_attn.register_forward_hook(hook)
-    try:
-        base(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-             pixel_values=pixels.to(gen.device, gen.dtype), use_cache=False)
-    finally:
-        handle.remove()
-        base.set_attn_implementation({"text_config": previous})
-    w = captured["w"][0].float()  # [H, T, T]
-    cols = (input_ids[0] == gen.image_token_id).nonzero().squeeze(1)
-    m = w[:, q_start:, :][:, :, cols].mean(0).mean(0)  # [N]
-    return m.cpu().numpy().astype(np.float32), len(ids) - q_start
+    query_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    query_mask[0, q_start:] = True
+    m_a, rows = capture_attention(gen.model, layer, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                  pixel_values=pixels.to(gen.device, gen.dtype), query_mask=query_mask)
+    return m_a[0].cpu().numpy().astype(np.float32), int(rows[0])
 
 
 def _printable(text: str) -> str:
@@ -133,9 +111,11 @@ def attention_figure(gen, image_path: str | Path, question: str, *, layer: int, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evaluation.generate import DecodingConfig, generate_answers, image_pixels
+    from evaluation.generate import generate_answers
+    from evaluation.generate_config import DecodingConfig
+    from student_train.inputs import student_pixels
 
-    pixels = image_pixels(gen.image_processor, image_path, gen.background)[None]
+    pixels = student_pixels(gen.image_processor, image_path, gen.background)[None]
     attn, rows = question_attention(gen, question, pixels, layer)
     answer = generate_answers(gen, [question], pixels, DecodingConfig(mode="greedy", max_new_tokens=max_new_tokens))[0]
     g = int(round(math.sqrt(attn.shape[0])))

@@ -5,8 +5,8 @@ A tool's options are the fields of its config dataclasses (docs/design.md sectio
 dataclasses are the single source of every option"): :func:`dataclass_options` turns each field into
 ``--field-name`` with the field's type, its default and, as help, the docstring written under the
 field. A field's ``metadata`` may add ``choices`` (a tuple), ``flag`` (the option's name when it is
-not the field's), ``required`` (shown as ``[required]``; the dataclass validates it) and ``help``
-(when the docstring is not the right help text).
+not the field's), ``required`` (shown as ``[required]``; the dataclass validates it), ``help`` (when the docstring is not the
+right help text) and ``cli: False`` (not an option, e.g. a nested config with its own options).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def dataclass_options(*classes: type, exclude: tuple[str, ...] = ()) -> Callable
             docs = field_docs(cls)
             hints = typing.get_type_hints(cls)
             for f in dataclasses.fields(cls):
-                if f.name in exclude or not f.init:
+                if f.name in exclude or not f.init or f.metadata.get("cli") is False:
                     continue
                 opts.append(_option(f, hints[f.name], docs.get(f.name, "")))
         for opt in reversed(opts):

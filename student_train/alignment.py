@@ -331,3 +331,42 @@ def install(
 
     object.__setattr__(base, "_medalign", handles)
     return handles
+
+
+def capture_attention(model: nn.Module, layer: int, *, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      pixel_values: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``M_a`` at ``layers[layer]`` for one forward, through the capture training uses.
+
+    For analysis (the attention figure, any later study) at any layer: the layer is marked with a
+    temporary capture state, the language model runs on :data:`ATTN_IMPL` (SDPA plus the query-row
+    capture of :func:`capture_query_attention`) for this forward only, and both are restored after.
+    A rotation W installed on the model applies as in every forward.
+
+    Returns:
+        (m_a [B, N] fp32, rows [B] long), as :func:`capture_query_attention`.
+    """
+    base = unwrap(model)
+    layers = decoder_layers(base)
+    if not 0 <= layer < len(layers):
+        raise MedAlignError(f"--layer {layer} is out of range: the student has {len(layers)} decoder layers "
+                            f"(valid 0..{len(layers) - 1})")
+    register_attention()
+    state = AlignState(image_token_id=int(base.config.image_token_id))
+    state.visual_mask = input_ids == state.image_token_id
+    state.query_mask = query_mask.to(torch.bool)
+    module = layers[layer].self_attn
+    previous_state = getattr(module, _CAPTURE_ATTR, None)
+    previous_impl = base.config.text_config._attn_implementation
+    setattr(module, _CAPTURE_ATTR, state)
+    base.set_attn_implementation({"text_config": ATTN_IMPL})
+    try:
+        base(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, use_cache=False)
+    finally:
+        if previous_state is None:
+            delattr(module, _CAPTURE_ATTR)
+        else:
+            setattr(module, _CAPTURE_ATTR, previous_state)
+        base.set_attn_implementation({"text_config": previous_impl})
+    if state.attn is None:
+        raise RuntimeError("the attention capture did not run (is the capture layer reached?)")
+    return state.attn, state.attn_rows

@@ -93,11 +93,6 @@ TEMPLATES: dict[str, PromptTemplate] = {
     )
 }
 
-#: The template used when neither ``--template`` nor the model's ``medalign.json`` says, by the
-#: language backbone's ``model_type``.
-BACKBONE_DEFAULTS = {"llama": "vicuna_v1", "mistral": "vicuna_v1", "qwen2": "huatuo"}
-
-
 def list_templates() -> list[str]:
     return sorted(TEMPLATES)
 
@@ -113,9 +108,11 @@ def get_template(name: str) -> PromptTemplate:
 
 def template_for_model(model_dir, name: str | None = None) -> PromptTemplate:
     """The template a student uses: ``name`` if given, else ``medalign.json``'s ``template`` in the
-    model directory, else the default for its language backbone (:data:`BACKBONE_DEFAULTS`)."""
+    model directory, else its family's (:mod:`student_train.families`, by the language backbone)."""
     import json
     from pathlib import Path
+
+    from student_train.families import BACKBONE_FAMILY, FAMILIES, backbone_of
 
     if name:
         return get_template(name)
@@ -128,13 +125,9 @@ def template_for_model(model_dir, name: str | None = None) -> PromptTemplate:
             raise MedAlignError(f"{marker}: malformed ({e}); expected {{\"template\": \"<name>\"}}") from None
         if declared:
             return get_template(str(declared))
-    try:
-        cfg = json.loads((model_dir / "config.json").read_text())
-        backbone = (cfg.get("text_config") or {}).get("model_type")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        backbone = None
-    if backbone in BACKBONE_DEFAULTS:
-        return get_template(BACKBONE_DEFAULTS[backbone])
+    backbone = backbone_of(model_dir)
+    if backbone in BACKBONE_FAMILY:
+        return get_template(FAMILIES[BACKBONE_FAMILY[backbone]].template)
     raise MedAlignError(
         f"{model_dir}: cannot tell which prompt template this student uses (language backbone "
         f"{backbone!r}, no medalign.json); pass --template ({', '.join(list_templates())})")

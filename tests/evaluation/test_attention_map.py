@@ -12,6 +12,10 @@ from PIL import Image
 
 from evaluation import attention_map as A
 from evaluation import generate as G
+from evaluation import generate_config as C
+from evaluation import questions as Q
+from student_train import families as F
+from student_train import inputs as I
 from evaluation.cli import main
 from student_train.tiny import save_tiny_llava
 
@@ -51,30 +55,39 @@ def w_run(student, tmp_path_factory):
 
 
 def _reference_map(student, gen, image, layer, weight=None):
-    """M_a from student_train's capture (SDPA model, probabilities recomputed for the query rows only),
-    with W installed on layers[layer-1] when given: independent of the eager path under test."""
-    from student_train import alignment
-    from student_train.model import load_student
+    """M_a computed independently of the capture under test: the whole model on eager attention
+    with ``output_attentions``, W (when given) added to the image positions of ``layers[layer-1]``'s
+    output by a plain forward hook, then the probabilities of the rows after the image to the image
+    columns, averaged over heads and rows."""
+    from transformers import LlavaForConditionalGeneration
 
-    model, _ = load_student(student)
-    model.eval()
-    handles = alignment.install(model, layer, 1.0, rotation=weight is not None, capture=True, weight=weight)
-    ids, q_start = G.encode_prompt(gen.tokenizer, gen.template, QUESTION, gen.image_token_id, gen.num_image_tokens,
+    model = LlavaForConditionalGeneration.from_pretrained(student, attn_implementation="eager").eval()
+    ids, q_start = I.encode_prompt(gen.tokenizer, gen.template, QUESTION, gen.image_token_id, gen.num_image_tokens,
                                    add_bos=gen.add_bos)
     input_ids = torch.tensor([ids])
-    qm = torch.zeros_like(input_ids, dtype=torch.bool)
-    qm[0, q_start:] = True
-    handles.state.query_mask = qm
-    px = G.image_pixels(gen.image_processor, image, gen.background)[None]
-    with torch.no_grad():
-        model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=px, use_cache=False)
-    assert int(handles.state.attn_rows[0]) == len(ids) - q_start
-    return handles.state.attn[0].numpy()
+    vis = input_ids[0] == gen.image_token_id
+    handle = None
+    if weight is not None:
+        def hook(_m, _a, out):
+            h = (out[0] if isinstance(out, tuple) else out).clone()
+            h[0, vis] = h[0, vis] + h[0, vis].float() @ weight.t()
+            return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+        handle = model.model.language_model.layers[layer - 1].register_forward_hook(hook)
+    px = I.student_pixels(gen.image_processor, image, gen.background)[None]
+    try:
+        with torch.no_grad():
+            out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=px,
+                        use_cache=False, output_attentions=True)
+    finally:
+        if handle is not None:
+            handle.remove()
+    probs = out.attentions[layer][0].double()  # [H, T, T]
+    return probs[:, q_start:, :][:, :, vis].mean(0).mean(0).numpy()
 
 
-def test_map_equals_capture_computation(student, image):
+def test_map_equals_eager_attention(student, image):
     gen = G.load_generator(student)
-    px = G.image_pixels(gen.image_processor, image, gen.background)[None]
+    px = I.student_pixels(gen.image_processor, image, gen.background)[None]
     for layer in (1, LAYER, 3):
         got, rows = A.question_attention(gen, QUESTION, px, layer)
         ref = _reference_map(student, gen, image, layer)
@@ -90,7 +103,7 @@ def test_map_with_rotation(student, w_run, image):
     run_dir, w = w_run
     gen = G.load_generator(student, run_dir)
     base = G.load_generator(student)
-    px = G.image_pixels(gen.image_processor, image, gen.background)[None]
+    px = I.student_pixels(gen.image_processor, image, gen.background)[None]
     got, _ = A.question_attention(gen, QUESTION, px, LAYER)
     ref = _reference_map(student, gen, image, LAYER, weight=w)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
@@ -123,9 +136,9 @@ def test_cli_attention_writes_figure(student, w_run, image, tmp_path):
     m = json.loads(js.read_text())
     assert m["layer"] == LAYER and m["grid"] == 4 and len(m["attn"]) == 16
     gen = G.load_generator(student, run_dir)
-    px = G.image_pixels(gen.image_processor, image, gen.background)[None]
+    px = I.student_pixels(gen.image_processor, image, gen.background)[None]
     np.testing.assert_allclose(m["attn"], A.question_attention(gen, QUESTION, px, LAYER)[0], rtol=1e-5)
-    assert m["answer"] == G.generate_answers(gen, [QUESTION], px, G.DecodingConfig(mode="greedy", max_new_tokens=6))[0]
+    assert m["answer"] == G.generate_answers(gen, [QUESTION], px, C.DecodingConfig(mode="greedy", max_new_tokens=6))[0]
     r = CliRunner().invoke(main, ["attention", "--model", str(student), "--image", str(image), "--question", "q?",
                                   "--out", str(fig), "--layer", "9", "--device", "cpu"])
     assert r.exit_code == 2 and "--layer 9 is out of range" in r.output

@@ -14,6 +14,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from evaluation import generate as G
+from evaluation import generate_config as C
+from evaluation import questions as Q
+from student_train import families as F
+from student_train import inputs as I
 from evaluation.cli import main
 from student_train.tiny import save_tiny_llava
 
@@ -81,7 +85,7 @@ def dataset(tmp_path_factory):
 
 
 def _pixels(gen, root, names):
-    return torch.stack([G.image_pixels(gen.image_processor, root / n, gen.background) for n in names])
+    return torch.stack([I.student_pixels(gen.image_processor, root / n, gen.background) for n in names])
 
 
 # --------------------------------------------------------------------------- inputs as in training
@@ -89,7 +93,7 @@ def _pixels(gen, root, names):
 
 def test_prompt_tokens_equal_training_encoding(student):
     """The generation prompt is the training sample's prefix (image tokens expanded as in training)."""
-    from student_train.data import adds_bos, encode_sample, expand
+    from student_train.inputs import adds_bos, encode_sample, expand
     from student_train.model import load_student
     from student_train.templates import get_template
 
@@ -101,20 +105,10 @@ def test_prompt_tokens_equal_training_encoding(student):
             enc = encode_sample(tok, t, q, "the liver", img)
             train = expand(enc, img, 16)
             prompt_len = int((train["labels"] == -100).sum())
-            ids, q_start = G.encode_prompt(tok, t, q, img, 16, add_bos=adds_bos(tok))
+            ids, q_start = I.encode_prompt(tok, t, q, img, 16, add_bos=adds_bos(tok))
             assert ids == train["input_ids"][:prompt_len].tolist(), name
             # the query rows of L_att are exactly the prompt tokens after the image
             assert train["query_mask"].nonzero().squeeze(1).tolist() == list(range(q_start, len(ids)))
-
-
-def test_pixels_equal_training_pixels(student, dataset):
-    from student_train.data import TrainDataset, load_image_processor
-
-    _, root = dataset
-    proc = load_image_processor(student)
-    ds = TrainDataset([], root, proc, image_token_id=4, num_image_tokens=16)
-    gen_px = G.image_pixels(proc, root / "img0.png", ds.background)
-    assert torch.equal(gen_px, ds.pixels("img0.png"))
 
 
 def test_left_pad():
@@ -127,27 +121,27 @@ def test_left_pad():
 
 
 def test_closed_suffix_modes():
-    s = G.CLOSED_SUFFIX
+    s = Q.CLOSED_SUFFIX
     assert s == " Please choose from the following two options: [yes, no]"
-    assert G.with_closed_suffix("Is it?", "CLOSED", "auto") == "Is it?" + s
-    assert G.with_closed_suffix("What?", "OPEN", "auto") == "What?"
-    assert G.with_closed_suffix("What?", None, "auto") == "What?"
-    assert G.with_closed_suffix("What?", "OPEN", "always") == "What?" + s
-    assert G.with_closed_suffix("Is it?", "CLOSED", "never") == "Is it?"
+    assert Q.with_closed_suffix("Is it?", "CLOSED", "auto") == "Is it?" + s
+    assert Q.with_closed_suffix("What?", "OPEN", "auto") == "What?"
+    assert Q.with_closed_suffix("What?", None, "auto") == "What?"
+    assert Q.with_closed_suffix("What?", "OPEN", "always") == "What?" + s
+    assert Q.with_closed_suffix("Is it?", "CLOSED", "never") == "Is it?"
     already = "Is it? Please choose from the following two options: [Yes, No]"
-    assert G.with_closed_suffix(already, "CLOSED", "auto") == already
-    assert G.with_closed_suffix(already, "CLOSED", "always") == already
+    assert Q.with_closed_suffix(already, "CLOSED", "auto") == already
+    assert Q.with_closed_suffix(already, "CLOSED", "always") == already
 
 
 def test_load_questions_ids_and_suffix(dataset):
     data, _ = dataset
-    qs = G.load_questions(data)
+    qs = Q.load_questions(data)
     assert [q.qid for q in qs] == [10, "a11", 12, 13, "14"]
-    assert qs[0].question == "Is there a mass?" + G.CLOSED_SUFFIX
+    assert qs[0].question == "Is there a mass?" + Q.CLOSED_SUFFIX
     assert qs[1].question == "What organ is shown in this image?"
     assert qs[2].question.count("Please choose") == 1
-    assert [q.qid for q in G.load_questions(data, limit=2)] == [10, "a11"]
-    assert G.load_questions(data, "never")[0].question == "Is there a mass?"
+    assert [q.qid for q in Q.load_questions(data, limit=2)] == [10, "a11"]
+    assert Q.load_questions(data, "never")[0].question == "Is there a mass?"
 
 
 def test_load_questions_refuses_duplicates_and_no_image(tmp_path):
@@ -159,14 +153,7 @@ def test_load_questions_refuses_duplicates_and_no_image(tmp_path):
                              {"id": "1", "image": "b.png", "conversations": conv},
                              {"id": 2, "conversations": conv}]))
     with pytest.raises(MedAlignError, match=r"2 record\(s\).*repeats record 0.*no image"):
-        G.load_questions(p)
-
-
-def test_cli_choices_match_module():
-    from evaluation import generate_cli
-
-    assert generate_cli.DECODINGS == G.DECODINGS
-    assert generate_cli.CLOSED_SUFFIX_MODES == G.CLOSED_SUFFIX_MODES
+        Q.load_questions(p)
 
 
 def test_template_resolution(student, zero_run, tmp_path):
@@ -187,15 +174,15 @@ def test_template_resolution(student, zero_run, tmp_path):
 def test_decoding_kwargs():
     from shared.errors import MedAlignError
 
-    assert G.DecodingConfig(mode="greedy", max_new_tokens=128).generate_kwargs() == {
+    assert C.DecodingConfig(mode="greedy", max_new_tokens=128).generate_kwargs() == {
         "max_new_tokens": 128, "do_sample": False, "num_beams": 1}
-    b = G.DecodingConfig(mode="beam", num_beams=3, max_new_tokens=8).generate_kwargs()
+    b = C.DecodingConfig(mode="beam", num_beams=3, max_new_tokens=8).generate_kwargs()
     assert b["num_beams"] == 3 and b["do_sample"] is False
-    n = G.DecodingConfig(mode="nucleus", top_p=0.8, temperature=0.7, max_new_tokens=8).generate_kwargs()
+    n = C.DecodingConfig(mode="nucleus", top_p=0.8, temperature=0.7, max_new_tokens=8).generate_kwargs()
     assert (n["do_sample"], n["top_p"], n["temperature"], n["top_k"]) == (True, 0.8, 0.7, 0)
     for bad in (dict(mode="sample"), dict(top_p=0), dict(temperature=0), dict(num_beams=0)):
         with pytest.raises(MedAlignError):
-            G.DecodingConfig(**bad)
+            C.DecodingConfig(**bad)
 
 
 def test_defaults_are_the_reference_evaluation(tmp_path):
@@ -203,7 +190,7 @@ def test_defaults_are_the_reference_evaluation(tmp_path):
     half precision per student family (LLaVA-Med: 1024, float16; HuatuoGPT: 128, bfloat16; on CUDA)."""
     from shared.errors import MedAlignError
 
-    dec = G.DecodingConfig()
+    dec = C.DecodingConfig()
     assert (dec.mode, dec.num_beams, dec.max_new_tokens) == ("beam", 5, "auto")
     with pytest.raises(MedAlignError, match="resolved"):
         dec.generate_kwargs()
@@ -212,21 +199,21 @@ def test_defaults_are_the_reference_evaluation(tmp_path):
         d = tmp_path / backbone
         d.mkdir()
         (d / "config.json").write_text(json.dumps({"model_type": "llava", "text_config": {"model_type": backbone}}))
-        fam = G.student_family(d)
+        fam = F.student_family(d)
         kw = dec.resolved(fam).generate_kwargs()
         assert kw == {"max_new_tokens": tokens, "do_sample": False, "num_beams": 5}  # no early_stopping
-        cfg = G.GenerateConfig(model=str(d), data="t.json", image_root=".", out="o.jsonl")
+        cfg = C.GenerateConfig(model=str(d), data="t.json", image_root=".", out="o.jsonl")
         assert cfg.dtype == "auto"
         assert cfg.resolved(fam, torch.device("cuda")).dtype == half
         on_cpu = cfg.resolved(fam, torch.device("cpu"))
         assert on_cpu.dtype == "float32" and on_cpu.decoding.max_new_tokens == tokens
         # explicit settings win over the family's
-        explicit = G.GenerateConfig(model=str(d), data="t.json", image_root=".", out="o.jsonl", dtype="float32",
-                                    decoding=G.DecodingConfig(mode="greedy", max_new_tokens=7))
+        explicit = C.GenerateConfig(model=str(d), data="t.json", image_root=".", out="o.jsonl", dtype="float32",
+                                    decoding=C.DecodingConfig(mode="greedy", max_new_tokens=7))
         r = explicit.resolved(fam, torch.device("cuda"))
         assert (r.dtype, r.decoding.mode, r.decoding.max_new_tokens) == ("float32", "greedy", 7)
     with pytest.raises(MedAlignError, match="integer or auto"):
-        G.DecodingConfig(max_new_tokens="many")
+        C.DecodingConfig(max_new_tokens="many")
 
 
 def test_cli_defaults_write_beam_metadata(student, dataset, tmp_path):
@@ -257,10 +244,10 @@ def test_batched_equals_one_by_one_greedy(student, dataset):
     gen = G.load_generator(student)
     qs = ["Is there a mass?", "Where is the lesion located in the left upper lobe of the lung and is it a mass?",
           "CT?"]
-    lens = [len(G.encode_prompt(gen.tokenizer, gen.template, q, gen.image_token_id, 16, add_bos=True)[0]) for q in qs]
+    lens = [len(I.encode_prompt(gen.tokenizer, gen.template, q, gen.image_token_id, 16, add_bos=True)[0]) for q in qs]
     assert len(set(lens)) == 3
     px = _pixels(gen, root, ["img0.png", "img1.png", "img2.png"])
-    dec = G.DecodingConfig(mode="greedy", max_new_tokens=12)
+    dec = C.DecodingConfig(mode="greedy", max_new_tokens=12)
     batched = G.generate_ids(gen, qs, px, dec)
     single = [G.generate_ids(gen, [q], px[i:i + 1], dec)[0] for i, q in enumerate(qs)]
     assert batched == single
@@ -277,11 +264,11 @@ def test_batched_equals_one_by_one_beam(student, dataset):
     qs = ["Is there a mass?", "Where is the lesion located in the left upper lobe of the lung and is it a mass?",
           "CT?"]
     px = _pixels(gen, root, ["img0.png", "img1.png", "img2.png"])
-    dec = G.DecodingConfig(mode="beam", num_beams=5, max_new_tokens=12)
+    dec = C.DecodingConfig(mode="beam", num_beams=5, max_new_tokens=12)
     batched = G.generate_ids(gen, qs, px, dec)
     single = [G.generate_ids(gen, [q], px[i:i + 1], dec)[0] for i, q in enumerate(qs)]
     assert batched == single and all(len(x) > 0 for x in batched)
-    greedy = [G.generate_ids(gen, [q], px[i:i + 1], G.DecodingConfig(mode="greedy", max_new_tokens=12))[0]
+    greedy = [G.generate_ids(gen, [q], px[i:i + 1], C.DecodingConfig(mode="greedy", max_new_tokens=12))[0]
               for i, q in enumerate(qs)]
     assert greedy != single  # beam search is not greedy here, so the comparison means something
 
@@ -290,7 +277,7 @@ def _manual_greedy(model, gen, question, px, steps, rotation=None):
     """Greedy decoding by full recomputation (no KV cache, no generate). ``rotation = (W, layer)``
     adds ``X W^T`` to the image positions of ``layers[layer-1]``'s output in every forward
     (independent of student_train.alignment)."""
-    ids, _ = G.encode_prompt(gen.tokenizer, gen.template, question, gen.image_token_id, gen.num_image_tokens,
+    ids, _ = I.encode_prompt(gen.tokenizer, gen.template, question, gen.image_token_id, gen.num_image_tokens,
                              add_bos=gen.add_bos)
     seq = torch.tensor([ids])
     handle = None
@@ -331,7 +318,7 @@ def test_zero_adapter_equals_base(student, zero_run, dataset):
     run = G.load_generator(student, zero_run)
     qs = ["Is there a mass?", "What organ is shown in this image?"]
     px = _pixels(base, root, ["img0.png", "img3.png"])
-    dec = G.DecodingConfig(mode="greedy", max_new_tokens=10)
+    dec = C.DecodingConfig(mode="greedy", max_new_tokens=10)
     assert G.generate_ids(run, qs, px, dec) == G.generate_ids(base, qs, px, dec)
 
 
@@ -344,7 +331,7 @@ def test_rotation_applied_at_prefill(student, w_run, dataset):
     run = G.load_generator(student, run_dir)
     qs = ["Is there a mass?", "What organ is shown in this image?", "Are the kidneys enlarged?"]
     px = _pixels(base, root, ["img0.png", "img1.png", "img4.png"])
-    dec = G.DecodingConfig(mode="greedy", max_new_tokens=10)
+    dec = C.DecodingConfig(mode="greedy", max_new_tokens=10)
     with_w = G.generate_ids(run, qs, px, dec)
     without = G.generate_ids(base, qs, px, dec)
     assert with_w != without
@@ -357,11 +344,11 @@ def test_beam_and_nucleus_are_seeded(student, dataset):
     gen = G.load_generator(student)
     qs = ["Is there a mass?", "CT?"]
     px = _pixels(gen, root, ["img0.png", "img1.png"])
-    nuc = G.DecodingConfig(mode="nucleus", max_new_tokens=8, top_p=0.95)
+    nuc = C.DecodingConfig(mode="nucleus", max_new_tokens=8, top_p=0.95)
     a = G.generate_ids(gen, qs, px, nuc, seed=5)
     assert a == G.generate_ids(gen, qs, px, nuc, seed=5)
     assert any(G.generate_ids(gen, qs, px, nuc, seed=s) != a for s in (6, 7, 8))
-    beam = G.DecodingConfig(mode="beam", num_beams=3, max_new_tokens=8)
+    beam = C.DecodingConfig(mode="beam", num_beams=3, max_new_tokens=8)
     assert G.generate_ids(gen, qs, px, beam) == G.generate_ids(gen, qs, px, beam)
 
 
@@ -370,8 +357,8 @@ def test_beam_and_nucleus_are_seeded(student, dataset):
 
 def _cfg(student, dataset, out, **kw):
     data, root = dataset
-    dec = kw.pop("decoding", G.DecodingConfig(mode="nucleus", max_new_tokens=6, seed=3))
-    return G.GenerateConfig(model=str(student), data=str(data), image_root=str(root), out=str(out),
+    dec = kw.pop("decoding", C.DecodingConfig(mode="nucleus", max_new_tokens=6, seed=3))
+    return C.GenerateConfig(model=str(student), data=str(data), image_root=str(root), out=str(out),
                             decoding=dec, batch_size=2, device="cpu", **kw)
 
 
@@ -401,11 +388,11 @@ def test_resume_after_partial_line_equals_uninterrupted(student, zero_run, datas
 def test_output_lines(student, w_run, dataset, tmp_path):
     run_dir, _ = w_run
     out = tmp_path / "p.jsonl"
-    G.run_generate(_cfg(student, dataset, out, adapter=str(run_dir), decoding=G.DecodingConfig(mode="greedy", max_new_tokens=4)),
+    G.run_generate(_cfg(student, dataset, out, adapter=str(run_dir), decoding=C.DecodingConfig(mode="greedy", max_new_tokens=4)),
                    log=lambda m: None, progress=False)
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["question_id"] for r in rows] == [10, "a11", 12, 13, "14"]
-    assert rows[0]["prompt"] == "Is there a mass?" + G.CLOSED_SUFFIX
+    assert rows[0]["prompt"] == "Is there a mass?" + Q.CLOSED_SUFFIX
     assert rows[1]["prompt"] == "What organ is shown in this image?"
     assert all(set(r) == {"question_id", "prompt", "text", "model_id", "metadata"} for r in rows)
     meta = rows[0]["metadata"]
@@ -421,7 +408,7 @@ def test_resume_refuses_other_settings(student, dataset, tmp_path):
     out = tmp_path / "p.jsonl"
     G.run_generate(_cfg(student, dataset, out, limit=2), log=lambda m: None, progress=False)
     before = out.read_bytes()
-    other = _cfg(student, dataset, out, decoding=G.DecodingConfig(mode="greedy", max_new_tokens=6))
+    other = _cfg(student, dataset, out, decoding=C.DecodingConfig(mode="greedy", max_new_tokens=6))
     with pytest.raises(MedAlignError, match="written with other settings.*decoding"):
         G.run_generate(other, log=lambda m: None, progress=False)
     assert out.read_bytes() == before

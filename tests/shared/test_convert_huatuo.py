@@ -185,7 +185,8 @@ def test_converted_logits_match_original_forward(tmp_path, tower, rows):
     assert (other[0, -1] - logits[0, -1]).abs().max() > 1e-3  # the splice is not a no-op
 
     # Our generator reads the same prompt and stops at <|endoftext|>.
-    from evaluation.generate import encode_prompt, load_generator
+    from evaluation.generate import load_generator
+    from student_train.inputs import encode_prompt
 
     gen = load_generator(dst)
     assert gen.template.name == "huatuo" and not gen.add_bos

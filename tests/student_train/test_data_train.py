@@ -13,8 +13,8 @@ from PIL import Image
 from train_helpers import write_images, write_records, write_teacher_cache
 
 from shared.errors import MedAlignError
-from student_train.data import (IGNORE_INDEX, Collator, RankSampler, TrainDataset, build_samples, collate,
-                                encode_sample, expand, load_image_processor)
+from student_train.data import Collator, RankSampler, TrainDataset, build_samples, collate
+from student_train.inputs import IGNORE_INDEX, encode_sample, expand, load_image_processor
 from student_train.templates import get_template
 
 N = 16  # tiny students: 32 px / 8 px patches -> 4 x 4
