@@ -12,24 +12,11 @@ from pathlib import Path
 
 import click
 
+from shared.cli import UserErrorGroup
 from shared.errors import MedAlignError
 
 
-class _UserError(click.ClickException):
-    """A MedAlignError shown as ``Error: <msg>`` with exit status 2."""
-
-    exit_code = 2
-
-
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except MedAlignError as e:
-            raise _UserError(str(e)) from None
-
-
-@click.group(cls=_Group)
+@click.group(cls=UserErrorGroup)
 def main() -> None:
     """MedAlign evaluation: score predictions and compare runs."""
 

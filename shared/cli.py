@@ -36,6 +36,23 @@ def user_errors() -> Iterator[None]:
         sys.exit(2)
 
 
+class _UserError(click.ClickException):
+    """A MedAlignError shown as ``Error: <msg>`` with exit status 2."""
+
+    exit_code = 2
+
+
+class UserErrorGroup(click.Group):
+    """A click group whose subcommands' :class:`MedAlignError` s become ``Error: ...`` and exit 2
+    (the group form of :func:`user_errors`)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MedAlignError as e:
+            raise _UserError(str(e)) from None
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """``{field name: the docstring written under it}`` for a dataclass (and its bases), whitespace
     collapsed to single spaces and reST double backquotes dropped (it is terminal help)."""
@@ -111,4 +128,4 @@ def _option(f: dataclasses.Field, annotation: Any, doc: str) -> Callable:
                         show_default=default not in (None, ""))
 
 
-__all__ = ["user_errors", "field_docs", "dataclass_options"]
+__all__ = ["user_errors", "UserErrorGroup", "field_docs", "dataclass_options"]
