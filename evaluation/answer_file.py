@@ -33,6 +33,19 @@ class ResumeState:
     """The first answer line, to check it was written with the same settings."""
 
 
+def _answer_line(path: Path, lineno: int, line: str | bytes) -> dict:
+    """One parsed answer line; anything else names the file and line and suggests a way out."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise MedAlignError(f"{path}:{lineno}: not a JSON line ({e.msg}); is this an answer file? "
+                            "Use another --out or --overwrite") from None
+    if not isinstance(obj, dict) or "question_id" not in obj:
+        raise MedAlignError(f"{path}:{lineno}: no question_id; is this an answer file? "
+                            "Use another --out or --overwrite")
+    return obj
+
+
 def prepare_output(path: str | Path, *, overwrite: bool = False) -> ResumeState:
     """Make ``path`` ready for appending and report what it already holds.
 
@@ -61,14 +74,7 @@ def prepare_output(path: str | Path, *, overwrite: bool = False) -> ResumeState:
     for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MedAlignError(f"{path}:{lineno}: not a JSON line ({e.msg}); is this an answer file? "
-                                "Use another --out or --overwrite") from None
-        if not isinstance(obj, dict) or "question_id" not in obj:
-            raise MedAlignError(f"{path}:{lineno}: no question_id; is this an answer file? "
-                                "Use another --out or --overwrite")
+        obj = _answer_line(path, lineno, line)
         done.add(str(obj["question_id"]).strip())
         first = first or obj
         n += 1
@@ -137,11 +143,4 @@ def check_first_line(out: Path, mid: str, meta: dict) -> None:
         head = f.readline()
     if not head.endswith(b"\n"):  # empty, or only a partial first line: nothing to compare
         return
-    try:
-        first = json.loads(head)
-    except json.JSONDecodeError as e:
-        raise MedAlignError(f"{out}:1: not a JSON line ({e.msg}); is this an answer file? "
-                            "Use another --out or --overwrite") from None
-    if not isinstance(first, dict):
-        raise MedAlignError(f"{out}:1: not an answer line; use another --out or --overwrite")
-    _check_resumable(out, first, mid, meta)
+    _check_resumable(out, _answer_line(out, 1, head), mid, meta)
