@@ -221,8 +221,9 @@ def run_generate(cfg: GenerateConfig, *, log: Callable[[str], None] = print, pro
     if missing:
         raise MedAlignError(f"{len(missing)} image file(s) not found under --image-root {root}: "
                             + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
-    if cfg.adapter is not None and not (Path(cfg.adapter) / "adapter_config.json").is_file():
-        raise MedAlignError(f"--adapter {cfg.adapter} holds no PEFT adapter (adapter_config.json missing)")
+    if cfg.adapter is not None:
+        from student_train.model import check_adapter_dir
+        check_adapter_dir(Path(cfg.adapter))  # before loading anything
     template, _ = resolve_template(cfg.model, cfg.adapter, cfg.template)
     device = resolve_device(cfg.device)
     family = student_family(cfg.model)

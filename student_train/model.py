@@ -35,6 +35,10 @@ from student_train.losses import att_loss, vis_loss
 ROTATION_WEIGHTS = "rotation.safetensors"
 ROTATION_CONFIG = "rotation.json"
 PROJECTOR = "multi_modal_projector"
+#: The files a model / adapter directory holds its weights in (one of them must be there).
+MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 # --------------------------------------------------------------------------- loading
@@ -56,7 +60,18 @@ def _check_llava_dir(model_dir: Path, trust_remote_code: bool):
             f"{model_dir} is not a LLaVA model (model_type {getattr(config, 'model_type', None)!r}); "
             "a student must be an HF-format LlavaForConditionalGeneration checkpoint (model_type 'llava')"
         )
+    if not any((model_dir / name).is_file() for name in MODEL_WEIGHT_FILES):
+        raise MedAlignError(f"{model_dir} has a config.json but no weights (none of {', '.join(MODEL_WEIGHT_FILES)}); "
+                            "is the download or conversion complete?")
     return config
+
+
+def check_adapter_dir(run_dir: Path) -> None:
+    if not (run_dir / "adapter_config.json").is_file():
+        raise MedAlignError(f"{run_dir} holds no PEFT adapter (adapter_config.json missing)")
+    if not any((run_dir / name).is_file() for name in ADAPTER_WEIGHT_FILES):
+        raise MedAlignError(f"{run_dir} has adapter_config.json but no adapter weights "
+                            f"(none of {', '.join(ADAPTER_WEIGHT_FILES)}); did the run finish?")
 
 
 def load_student(
@@ -309,8 +324,7 @@ def load_trained(
     from peft import PeftModel
 
     run_dir = Path(run_dir)
-    if not (run_dir / "adapter_config.json").is_file():
-        raise MedAlignError(f"{run_dir} holds no PEFT adapter (adapter_config.json missing)")
+    check_adapter_dir(run_dir)
     model, tokenizer = load_student(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(model, run_dir)
     if merge:
@@ -334,5 +348,6 @@ __all__ = [
     "save_trained",
     "load_trained",
     "load_rotation",
+    "check_adapter_dir",
     "language_linear_targets",
 ]

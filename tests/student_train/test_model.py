@@ -243,3 +243,21 @@ def test_non_llava_directory_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MedAlignError, match="no config.json"):
         load_student(tmp_path / "empty")
+
+
+def test_incomplete_model_and_adapter_folders_name_the_missing_file(tiny_llama_dir, tmp_path):
+    """A config.json without weights, an adapter_config.json without weights: one clear line, not a
+    transformers/PEFT traceback."""
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, broken)
+    for f in broken.glob("model*.safetensors*"):
+        f.unlink()
+    with pytest.raises(MedAlignError, match=r"has a config.json but no weights \(none of model.safetensors"):
+        load_student(broken)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    with pytest.raises(MedAlignError, match=r"has adapter_config.json but no adapter weights"):
+        load_trained(tiny_llama_dir, run)
