@@ -19,6 +19,7 @@ attention mask, so a padded row computes what it computes alone.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -157,19 +158,63 @@ def _clean(text: str, stop_str: str) -> str:
     return text.strip()
 
 
+def question_seed(seed: int, key: str) -> int:
+    """The sampling seed of one question: a function of ``--seed`` and the question's id only, so a
+    question draws the same tokens whatever batch it is in and wherever a run was resumed."""
+    digest = hashlib.sha256(f"{int(seed)}:{key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class PerQuestionSampler:
+    """Nucleus sampling with one random stream per batch row (a transformers logits processor).
+
+    Each step, row i's scores are divided by ``temperature``, cut to the smallest set of tokens
+    whose probability reaches ``top_p`` (at least one token; transformers' ``TopPLogitsWarper``
+    rule), and one token is drawn with row i's own ``torch.Generator``; the returned scores are
+    ``-inf`` except at that token, so ``generate``'s greedy step takes it. Rows never share random
+    numbers, so a batch gives each question the tokens it gets alone.
+    """
+
+    def __init__(self, seeds: list[int], top_p: float, temperature: float):
+        self.seeds, self.top_p, self.temperature = list(seeds), float(top_p), float(temperature)
+        self.generators: list[torch.Generator] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        logits = scores.float() / self.temperature
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - self.top_p)
+        remove_sorted[..., -1] = False  # keep at least the most likely token
+        remove = remove_sorted.scatter(1, order, remove_sorted)
+        probs = logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+        out = torch.full_like(scores, float("-inf"))
+        for i, g in enumerate(self.generators):
+            token = torch.multinomial(probs[i], 1, generator=g)
+            out[i, token] = 0.0
+        return out
+
+
 @torch.inference_mode()
 def generate_ids(gen: Generator, questions: list[str], pixels: torch.Tensor, decoding: DecodingConfig,
-                 *, seed: int | None = None) -> list[list[int]]:
+                 *, keys: list[str] | None = None) -> list[list[int]]:
     """Answer a batch: ``questions`` (B strings) about ``pixels`` [B, 3, S, S], LEFT-padded, one
-    ``generate`` call; ``seed`` (when given) seeds torch's RNG right before it.
+    ``generate`` call. Sampling draws per question (:func:`question_seed` of ``decoding.seed`` and
+    the question's key: ``keys``, default the question text).
 
     Returns the B generated token id lists, cut at the first end-of-answer id (excluded).
     """
+    from transformers import LogitsProcessorList
+
     seqs = [encode_prompt(gen.tokenizer, gen.template, q, gen.image_token_id, gen.num_image_tokens,
                           add_bos=gen.add_bos)[0] for q in questions]
     input_ids, attention_mask = left_pad(seqs, gen.pad_id)
-    if seed is not None:
-        torch.manual_seed(seed)
+    extra: dict[str, Any] = {}
+    if decoding.samples:
+        seeds = [question_seed(decoding.seed, k) for k in (keys if keys is not None else questions)]
+        extra["logits_processor"] = LogitsProcessorList(
+            [PerQuestionSampler(seeds, decoding.top_p, decoding.temperature)])
     out = gen.model.generate(
         input_ids=input_ids.to(gen.device),
         attention_mask=attention_mask.to(gen.device),
@@ -177,6 +222,7 @@ def generate_ids(gen: Generator, questions: list[str], pixels: torch.Tensor, dec
         pad_token_id=gen.pad_id,
         eos_token_id=gen.eos_ids,
         **decoding.generate_kwargs(),
+        **extra,
     )
     result = []
     for row in out[:, input_ids.shape[1]:].cpu().tolist():
@@ -186,9 +232,9 @@ def generate_ids(gen: Generator, questions: list[str], pixels: torch.Tensor, dec
 
 
 def generate_answers(gen: Generator, questions: list[str], pixels: torch.Tensor, decoding: DecodingConfig,
-                     *, seed: int | None = None) -> list[str]:
+                     *, keys: list[str] | None = None) -> list[str]:
     """:func:`generate_ids` decoded (special tokens skipped, cut at the template's stop string, stripped)."""
-    ids = generate_ids(gen, questions, pixels, decoding, seed=seed)
+    ids = generate_ids(gen, questions, pixels, decoding, keys=keys)
     texts = gen.tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [_clean(t, gen.template.stop_str) for t in texts]
 
@@ -199,7 +245,7 @@ def generate_answers(gen: Generator, questions: list[str], pixels: torch.Tensor,
 def batches_to_run(questions: list[Question], done: set[str], batch_size: int) -> list[tuple[int, list[Question]]]:
     """``(batch index, questions still to answer)`` over a FIXED partition of the question list
     into batches of ``batch_size``: a resumed run with the same batch size runs the very batches
-    (and seeds) an uninterrupted run would."""
+    (the same padding) an uninterrupted run would; sampling is seeded per question regardless."""
     out = []
     for b, start in enumerate(range(0, len(questions), batch_size)):
         todo = [q for q in questions[start:start + batch_size] if q.key not in done]
@@ -268,7 +314,7 @@ def run_generate(cfg: GenerateConfig, *, log: Callable[[str], None] = print, pro
             pixels = torch.stack([student_pixels(gen.image_processor, resolve_image_path(root, q.image), gen.background)
                                   for q in batch])
             texts = generate_answers(gen, [q.question for q in batch], pixels, cfg.decoding,
-                                     seed=int(cfg.decoding.seed) + b)
+                                     keys=[q.key for q in batch])
             append_lines(out, [{"question_id": q.qid, "prompt": q.question, "text": t, "model_id": mid,
                                 "metadata": meta} for q, t in zip(batch, texts)])
             summary["written"] += len(batch)

@@ -38,7 +38,7 @@ class DecodingConfig:
     max_new_tokens: str | int = AUTO
     """Longest answer in tokens; ``auto``: the student family's (LLaVA-Med 1024, HuatuoGPT 128)."""
     seed: int = 0
-    """Sampling seed (batch k uses seed + k)."""
+    """Sampling seed; each question draws from its own stream, seeded by this and its id."""
 
     def __post_init__(self):
         if self.mode not in DECODINGS:
@@ -74,10 +74,15 @@ class DecodingConfig:
             # no early_stopping, as the reference passes none: the model's generation config decides
             # (transformers' default False: stop when no running beam can beat the finished ones)
             kw.update(do_sample=False, num_beams=int(self.num_beams))
-        else:
-            kw.update(do_sample=True, num_beams=1, top_p=float(self.top_p), top_k=0,
-                      temperature=float(self.temperature))
+        else:  # nucleus: drawn per question by evaluation.generate.PerQuestionSampler, which
+            # leaves one finite score per row, so generate's own step is greedy
+            kw.update(do_sample=False, num_beams=1)
         return kw
+
+    @property
+    def samples(self) -> bool:
+        """Whether answers are sampled (then seeded per question)."""
+        return self.mode == "nucleus"
 
     def to_json(self) -> dict[str, Any]:
         """The settings that matter for the mode (written into every line's metadata)."""

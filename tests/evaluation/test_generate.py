@@ -178,8 +178,9 @@ def test_decoding_kwargs():
         "max_new_tokens": 128, "do_sample": False, "num_beams": 1}
     b = C.DecodingConfig(mode="beam", num_beams=3, max_new_tokens=8).generate_kwargs()
     assert b["num_beams"] == 3 and b["do_sample"] is False
-    n = C.DecodingConfig(mode="nucleus", top_p=0.8, temperature=0.7, max_new_tokens=8).generate_kwargs()
-    assert (n["do_sample"], n["top_p"], n["temperature"], n["top_k"]) == (True, 0.8, 0.7, 0)
+    nuc = C.DecodingConfig(mode="nucleus", top_p=0.8, temperature=0.7, max_new_tokens=8)
+    # nucleus draws in G.PerQuestionSampler (one stream per question); generate's own step is greedy
+    assert nuc.samples and nuc.generate_kwargs() == {"max_new_tokens": 8, "do_sample": False, "num_beams": 1}
     for bad in (dict(mode="sample"), dict(top_p=0), dict(temperature=0), dict(num_beams=0)):
         with pytest.raises(MedAlignError):
             C.DecodingConfig(**bad)
@@ -344,12 +345,58 @@ def test_beam_and_nucleus_are_seeded(student, dataset):
     gen = G.load_generator(student)
     qs = ["Is there a mass?", "CT?"]
     px = _pixels(gen, root, ["img0.png", "img1.png"])
-    nuc = C.DecodingConfig(mode="nucleus", max_new_tokens=8, top_p=0.95)
-    a = G.generate_ids(gen, qs, px, nuc, seed=5)
-    assert a == G.generate_ids(gen, qs, px, nuc, seed=5)
-    assert any(G.generate_ids(gen, qs, px, nuc, seed=s) != a for s in (6, 7, 8))
+
+    def nuc(seed):
+        return C.DecodingConfig(mode="nucleus", max_new_tokens=8, top_p=0.95, seed=seed)
+
+    a = G.generate_ids(gen, qs, px, nuc(5))
+    assert a == G.generate_ids(gen, qs, px, nuc(5))
+    assert any(G.generate_ids(gen, qs, px, nuc(s)) != a for s in (6, 7, 8))
     beam = C.DecodingConfig(mode="beam", num_beams=3, max_new_tokens=8)
     assert G.generate_ids(gen, qs, px, beam) == G.generate_ids(gen, qs, px, beam)
+
+
+def test_nucleus_batch_equals_one_by_one(student, dataset):
+    """Each question samples from its own stream (seed, id): in a batch of 3, alone, or in another
+    order it draws the same tokens."""
+    _, root = dataset
+    gen = G.load_generator(student)
+    qs = ["Is there a mass?", "Where is the lesion located in the left upper lobe of the lung and is it a mass?",
+          "CT?"]
+    keys = ["10", "a11", "12"]
+    px = _pixels(gen, root, ["img0.png", "img1.png", "img2.png"])
+    dec = C.DecodingConfig(mode="nucleus", max_new_tokens=10, top_p=0.9, temperature=1.0, seed=3)
+    batched = G.generate_ids(gen, qs, px, dec, keys=keys)
+    single = [G.generate_ids(gen, [q], px[i:i + 1], dec, keys=[keys[i]])[0] for i, q in enumerate(qs)]
+    assert batched == single
+    rev = G.generate_ids(gen, qs[::-1], px.flip(0), dec, keys=keys[::-1])
+    assert rev[::-1] == batched
+    greedy = G.generate_ids(gen, qs, px, C.DecodingConfig(mode="greedy", max_new_tokens=10))
+    assert greedy != batched  # it really samples
+
+
+def test_per_question_sampler_matches_top_p_sampling():
+    """The sampler's distribution: temperature, then the smallest top-p set (at least one token),
+    renormalised: checked against a direct computation by drawing many times from fixed scores."""
+    scores = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
+    t, top_p = 0.7, 0.8
+    p = torch.softmax(scores[0] / t, -1)
+    order = torch.argsort(p, descending=True)
+    keep, mass = [], 0.0
+    for i in order.tolist():  # add tokens until the kept mass reaches top_p
+        keep.append(i)
+        mass += float(p[i])
+        if mass >= top_p:
+            break
+    want = torch.zeros(5)
+    want[keep] = p[keep] / p[keep].sum()
+    counts = torch.zeros(5)
+    for k in range(4000):
+        out = G.PerQuestionSampler([k], top_p, t)(None, scores)
+        assert torch.isfinite(out).sum() == 1
+        counts[int(out[0].argmax())] += 1
+    assert torch.allclose(counts / counts.sum(), want, atol=0.03)
+    assert counts[[i for i in range(5) if i not in keep]].sum() == 0
 
 
 # --------------------------------------------------------------------------- output file, resume
@@ -363,7 +410,8 @@ def _cfg(student, dataset, out, **kw):
 
 
 def test_resume_after_partial_line_equals_uninterrupted(student, zero_run, dataset, tmp_path):
-    """Sampling (seeded per batch) so that the resumed batches must be the same batches."""
+    """Sampling (seeded per question), killed inside a batch: the rest of that batch is answered as a
+    smaller batch and still gives the uninterrupted file."""
     full = tmp_path / "full.jsonl"
     logs = []
     s = G.run_generate(_cfg(student, dataset, full, adapter=str(zero_run)), log=logs.append, progress=False)
@@ -378,6 +426,13 @@ def test_resume_after_partial_line_equals_uninterrupted(student, zero_run, datas
     assert any("removed a partial last line (17 bytes)" in m for m in logs)
     assert s["already_done"] == 2 and s["written"] == 3
     assert part.read_bytes() == full.read_bytes()
+
+    # killed after the first line of batch 1: its second question is answered alone, same text
+    half = tmp_path / "half.jsonl"
+    half.write_bytes(b"".join(lines[:3]) + lines[3][:10])
+    s = G.run_generate(_cfg(student, dataset, half, adapter=str(zero_run)), log=logs.append, progress=False)
+    assert s["already_done"] == 3 and s["written"] == 2
+    assert half.read_bytes() == full.read_bytes()
 
     # nothing left to do: the file is untouched
     before = part.read_bytes()
