@@ -25,6 +25,14 @@ DEFAULT_ATT_NORM = ATT_NORMS[0]
 REQUIRED = {"required": True}
 
 
+def _check_finite(args) -> None:
+    """Every float setting of a group is a finite number (inf and nan are refused, naming the flag)."""
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MedAlignError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+
+
 def _positive(name: str, value, allow_zero: bool = False) -> None:
     if value is None:
         return
@@ -120,11 +128,6 @@ class AlignArgs:
             raise MedAlignError(f"--align-layer must be an integer, got {self.align_layer!r}")
         if self.align_layer < 1:
             raise MedAlignError(f"--align-layer must be >= 1 (W sits on layers[l-1]), got {self.align_layer}")
-        for name in ("alpha", "beta", "eps", "att_clamp"):
-            value = float(getattr(self, name))
-            if not math.isfinite(value):
-                raise MedAlignError(f"--{name.replace('_', '-')} must be finite, got {value}")
-            setattr(self, name, value)
         _positive("--alpha", self.alpha, allow_zero=True)
         _positive("--beta", self.beta, allow_zero=True)
         _positive("--att-clamp", self.att_clamp)
@@ -230,6 +233,8 @@ class TrainConfig:
     run: RunArgs
 
     def __post_init__(self):
+        for group in GROUPS:
+            _check_finite(getattr(self, group))
         if self.align.distill and not self.align.cache:
             raise MedAlignError(
                 f"--cache is required when --alpha ({self.align.alpha}) or --beta ({self.align.beta}) is > 0; "

@@ -261,6 +261,13 @@ BAD_CASES = {
     "needs_cache": (lambda s: s.__setitem__("cache", ""), [], ["--cache is required when --alpha"]),
     "unknown_template": (lambda s: None, ["--template", "chatml"], ["unknown prompt template 'chatml'", "vicuna_v1"]),
     "all_too_long": (lambda s: None, ["--max-length", "20"], ["longer than --max-length 20"]),
+    # issue 15 item 6: non-finite numbers (inf trained to an all-NaN adapter, nan ended in tracebacks,
+    # a nan clipping norm silently switched clipping off)
+    "lr_inf": (lambda s: None, ["--lr", "inf"], ["--lr must be a finite number, got inf"]),
+    "lr_nan": (lambda s: None, ["--lr", "nan"], ["--lr must be a finite number, got nan"]),
+    "epochs_nan": (lambda s: None, ["--epochs", "nan"], ["--epochs must be a finite number, got nan"]),
+    "clip_nan": (lambda s: None, ["--max-grad-norm", "nan"], ["--max-grad-norm must be a finite number"]),
+    "beta_inf": (lambda s: None, ["--beta", "inf"], ["--beta must be a finite number, got inf"]),
 }
 
 
