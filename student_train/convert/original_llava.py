@@ -1,8 +1,8 @@
 """Convert a checkpoint in the original LLaVA code base's layout into a transformers
 ``LlavaForConditionalGeneration`` directory.
 
-LLaVA-Med-1.5 (``llava_mistral``, :mod:`shared.convert.llava_med`) and HuatuoGPT-Vision-7B
-(``llava_qwen2``, :mod:`shared.convert.huatuo`) share one layout; a :class:`SourceLayout` says what
+LLaVA-Med-1.5 (``llava_mistral``, :mod:`student_train.convert.llava_med`) and HuatuoGPT-Vision-7B
+(``llava_qwen2``, :mod:`student_train.convert.huatuo`) share one layout; a :class:`SourceLayout` says what
 differs (the accepted ``model_type``, the language model's config class, where the vision tower
 may live, the prompt template to record)::
 

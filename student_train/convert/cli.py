@@ -4,6 +4,9 @@
     medalign-data convert-model --from llava-med llava-med-v1.5-mistral-7b --out llava-med-hf \\
         --vision-tower clip-vit-large-patch14-336
     medalign-data convert-model --from huatuo HuatuoGPT-Vision-7B --out huatuo-hf
+
+The group lives in ``student_train`` because ``convert-model`` needs the student-model converters
+(:mod:`student_train.convert`); ``convert`` only calls the dataset converters of :mod:`shared.convert`.
 """
 
 from __future__ import annotations
@@ -50,11 +53,11 @@ def convert(fmt: str, input_path: str, out_dir: str, image_root: str | None, pro
 
 
 def _layout(name: str):
-    """The :class:`~shared.convert.original_llava.SourceLayout` of a ``--from`` name."""
+    """The :class:`~student_train.convert.original_llava.SourceLayout` of a ``--from`` name."""
     if name == "huatuo":
-        from shared.convert.huatuo import HUATUO
+        from student_train.convert.huatuo import HUATUO
         return HUATUO
-    from shared.convert.llava_med import LLAVA_MED
+    from student_train.convert.llava_med import LLAVA_MED
     return LLAVA_MED
 
 
@@ -78,7 +81,7 @@ def convert_model(source_format: str, src: str, out_dir: str, vision_tower: str 
                   max_shard_size: float, overwrite: bool) -> None:
     """Convert an original LLaVA-Med-1.5 or HuatuoGPT-Vision checkpoint into a transformers
     LlavaForConditionalGeneration folder."""
-    from shared.convert.original_llava import convert_original
+    from student_train.convert.original_llava import convert_original
 
     try:
         report = convert_original(_layout(source_format), src, out_dir, vision_tower=vision_tower, dtype=dtype,
