@@ -11,16 +11,9 @@ The group lives in ``student_train`` because ``convert-model`` needs the student
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from shared.errors import MedAlignError
-
-
-def _fail(e: MedAlignError) -> None:
-    click.echo(f"Error: {e}", err=True)
-    sys.exit(2)
+from shared.cli import user_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,10 +36,8 @@ def convert(fmt: str, input_path: str, out_dir: str, image_root: str | None, pro
     """Convert a public dataset release into LLaVA-style JSON."""
     from shared.convert.datasets import convert_dataset
 
-    try:
+    with user_errors():
         stats, files = convert_dataset(fmt, input_path, out_dir, image_root=image_root, prompt=prompt)
-    except MedAlignError as e:
-        _fail(e)
     for line in stats.summary_lines():
         click.echo(line)
     click.echo("wrote " + ", ".join(str(f) for f in files))
@@ -83,11 +74,9 @@ def convert_model(source_format: str, src: str, out_dir: str, vision_tower: str 
     LlavaForConditionalGeneration folder."""
     from student_train.convert.original_llava import convert_original
 
-    try:
+    with user_errors():
         report = convert_original(_layout(source_format), src, out_dir, vision_tower=vision_tower, dtype=dtype,
                                   max_shard_bytes=int(max_shard_size * 1e9), overwrite=overwrite)
-    except MedAlignError as e:
-        _fail(e)
     for line in report.summary_lines():
         click.echo(line)
 
