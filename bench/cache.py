@@ -35,8 +35,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO / "tests"))  # the arrays -> cache test helper
 
-from shared.cache import open_cache, write_cache  # noqa: E402
+from cache_helpers import write_cache  # noqa: E402
+from shared.cache import open_cache  # noqa: E402
 from shared.images import load_image  # noqa: E402
 from teacher_cache.build import BuildConfig, build_cache  # noqa: E402
 from teacher_cache.experts import load_expert  # noqa: E402

@@ -3,6 +3,9 @@
 Each image is a noisy grey background, sometimes with one bright blob on the left or right half.
 Questions: "Is there a lesion in this image?" (CLOSED, yes/no) and, when there is one, "Which
 side is the lesion on?" (OPEN, left/right). Deterministic for a given seed; nothing downloaded.
+
+It lives in ``shared`` because both demos generate it: ``medalign-cache demo`` (teacher_cache, which
+may import only shared) and ``medalign-eval demo`` (evaluation).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def _invoke(main, args):
 def test_vqa_rad_pipeline(vqa_rad_dir, tmp_path):
     from evaluation.cli import main as eval_main
     from shared.cache import open_cache
-    from shared.convert.cli import main as data_main
+    from student_train.convert.cli import main as data_main
     from student_train.cli import main as train_main
     from student_train.tiny import save_tiny_llava
     from teacher_cache.cli import main as cache_main

@@ -2,6 +2,6 @@
 
 from shared.cache.manifest import FORMAT_VERSION, Manifest
 from shared.cache.reader import CacheReader, open_cache
-from shared.cache.writer import CacheWriter, normalise_rel, write_cache
+from shared.cache.writer import CacheWriter, normalise_rel
 
-__all__ = ["FORMAT_VERSION", "Manifest", "CacheReader", "open_cache", "CacheWriter", "write_cache", "normalise_rel"]
+__all__ = ["FORMAT_VERSION", "Manifest", "CacheReader", "open_cache", "CacheWriter", "normalise_rel"]

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from shared.cache import Manifest, open_cache, write_cache
+from cache_helpers import write_cache
+from shared.cache import Manifest, open_cache
 from shared.cache.writer import CacheWriter
 from shared.errors import MedAlignError
 from shared.grid import pack_triangle, unpack_triangle

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from shared.convert.cli import main
+from student_train.convert.cli import main
 from shared.convert.reports import DEFAULT_REPORT_PROMPT
 from shared.records import answer_text, answer_type, question_text
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shared.cache import write_cache
+from cache_helpers import write_cache
 from shared.images import sha256_file
 
 def write_images(root: Path, n: int, seed: int = 0) -> list[str]:

@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared.cache import Manifest, open_cache, write_cache
+from cache_helpers import write_cache
+from shared.cache import Manifest, open_cache
 from shared.errors import MedAlignError
 from teacher_cache.signals import teacher_signals
 

@@ -12,12 +12,12 @@ the same order, then from ``--vision-tower``.
 Qwen2 checkpoints have more embedding rows than tokens (152,064 rows for 151,646 tokens), so the
 ``<image>`` token added at id ``len(tokenizer)`` lands on a spare row and nothing is resized.
 ``medalign.json`` names the ``huatuo`` template (``conv_huatuo_v1``, what MedAlign trained and
-evaluated HuatuoGPT-Vision with). The conversion itself is :mod:`shared.convert.original_llava`.
+evaluated HuatuoGPT-Vision with). The conversion itself is :mod:`student_train.convert.original_llava`.
 """
 
 from __future__ import annotations
 
-from shared.convert.original_llava import SourceLayout
+from student_train.convert.original_llava import SourceLayout
 
 HUATUO = SourceLayout(name="huatuo", title="HuatuoGPT-Vision", model_types=("llava_qwen2",),
                       text_config_class="Qwen2Config",

@@ -4,20 +4,16 @@
     medalign-data convert-model --from llava-med llava-med-v1.5-mistral-7b --out llava-med-hf \\
         --vision-tower clip-vit-large-patch14-336
     medalign-data convert-model --from huatuo HuatuoGPT-Vision-7B --out huatuo-hf
+
+The group lives in ``student_train`` because ``convert-model`` needs the student-model converters
+(:mod:`student_train.convert`); ``convert`` only calls the dataset converters of :mod:`shared.convert`.
 """
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from shared.errors import MedAlignError
-
-
-def _fail(e: MedAlignError) -> None:
-    click.echo(f"Error: {e}", err=True)
-    sys.exit(2)
+from shared.cli import user_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,21 +36,19 @@ def convert(fmt: str, input_path: str, out_dir: str, image_root: str | None, pro
     """Convert a public dataset release into LLaVA-style JSON."""
     from shared.convert.datasets import convert_dataset
 
-    try:
+    with user_errors():
         stats, files = convert_dataset(fmt, input_path, out_dir, image_root=image_root, prompt=prompt)
-    except MedAlignError as e:
-        _fail(e)
     for line in stats.summary_lines():
         click.echo(line)
     click.echo("wrote " + ", ".join(str(f) for f in files))
 
 
 def _layout(name: str):
-    """The :class:`~shared.convert.original_llava.SourceLayout` of a ``--from`` name."""
+    """The :class:`~student_train.convert.original_llava.SourceLayout` of a ``--from`` name."""
     if name == "huatuo":
-        from shared.convert.huatuo import HUATUO
+        from student_train.convert.huatuo import HUATUO
         return HUATUO
-    from shared.convert.llava_med import LLAVA_MED
+    from student_train.convert.llava_med import LLAVA_MED
     return LLAVA_MED
 
 
@@ -78,13 +72,11 @@ def convert_model(source_format: str, src: str, out_dir: str, vision_tower: str 
                   max_shard_size: float, overwrite: bool) -> None:
     """Convert an original LLaVA-Med-1.5 or HuatuoGPT-Vision checkpoint into a transformers
     LlavaForConditionalGeneration folder."""
-    from shared.convert.original_llava import convert_original
+    from student_train.convert.original_llava import convert_original
 
-    try:
+    with user_errors():
         report = convert_original(_layout(source_format), src, out_dir, vision_tower=vision_tower, dtype=dtype,
                                   max_shard_bytes=int(max_shard_size * 1e9), overwrite=overwrite)
-    except MedAlignError as e:
-        _fail(e)
     for line in report.summary_lines():
         click.echo(line)
 

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from llava_reference import IMAGE, N_IMAGE, VP, language_weights, ref_llava, vision_weights, write_clip_folder
 from safetensors.torch import save_file
 
-from shared.convert.cli import main
+from student_train.convert.cli import main
 
 D = 32
 LAYERS = 2

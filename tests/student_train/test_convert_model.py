@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from llava_reference import IMAGE, N_IMAGE, VP, language_weights, ref_llava, vision_weights, write_clip_folder
 
-from shared.convert.cli import main
+from student_train.convert.cli import main
 
 V = 40          # tiny vocab; the <image> token becomes id V
 D = 32          # Mistral hidden size
