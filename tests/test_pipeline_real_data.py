@@ -1,7 +1,9 @@
 """Real VQA-RAD end to end: convert -> cache -> train -> generate -> score, checking every artefact.
 
-Uses the real data in ../shared/data/vqa-rad (skipped when absent), a random-weight UniMed-B-format
-expert and a tiny random-weight student; run with ``pytest -m slow``.
+Two variants, both on real VQA-RAD: the full copy in ../shared/data/vqa-rad (skipped when absent)
+and the committed subset in tests/assets/vqa-rad (the official test rows whose image is among the
+12 committed JPEGs; runs in every clone). A random-weight UniMed-B-format expert and a tiny
+random-weight student; run with ``pytest -m slow``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,23 @@ def _invoke(main, args):
 
 
 def test_vqa_rad_pipeline(vqa_rad_dir, tmp_path):
+    def small(train, test):
+        assert (len(train), len(test)) == (1797, 451)
+        return train[:48], test[:24]  # small subsets keep the CPU run short; the cache covers both
+
+    _pipeline(vqa_rad_dir, small, tmp_path)
+
+
+def test_vqa_rad_pipeline_on_the_committed_subset(vqa_rad_subset_dir, tmp_path):
+    def small(train, test):
+        # convert --image-root keeps the 44 test rows whose image is committed; no train rows
+        assert (len(train), len(test)) == (0, 44)
+        return test[:32], test[32:]
+
+    _pipeline(vqa_rad_subset_dir, small, tmp_path)
+
+
+def _pipeline(vqa_rad_dir, small, tmp_path):
     from evaluation.cli import main as eval_main
     from shared.cache import open_cache
     from student_train.convert.cli import main as data_main
@@ -32,13 +51,13 @@ def test_vqa_rad_pipeline(vqa_rad_dir, tmp_path):
 
     images = vqa_rad_dir / "images"
     # 1. convert the official JSON
-    _invoke(data_main, ["convert", "--format", "vqa-rad", "--input", vqa_rad_dir / "qa.json", "--out", tmp_path / "data"])
+    _invoke(data_main, ["convert", "--format", "vqa-rad", "--input", vqa_rad_dir / "qa.json", "--out", tmp_path / "data",
+                        "--image-root", images])
     train = json.loads((tmp_path / "data" / "train.json").read_text())
     test = json.loads((tmp_path / "data" / "test.json").read_text())
-    assert (len(train), len(test)) == (1797, 451)
-    # small subsets keep the CPU run short; the cache covers both
-    (tmp_path / "train_small.json").write_text(json.dumps(train[:48]))
-    (tmp_path / "test_small.json").write_text(json.dumps(test[:24]))
+    train, test = small(train, test)
+    (tmp_path / "train_small.json").write_text(json.dumps(train))
+    (tmp_path / "test_small.json").write_text(json.dumps(test))
 
     # 2. teacher cache with a random-weight UniMed-B-format expert (tiny config, 4x4 grid)
     weights = tmp_path / "unimed-b.pt"
@@ -49,7 +68,7 @@ def test_vqa_rad_pipeline(vqa_rad_dir, tmp_path):
                          tmp_path / "test_small.json", "--image-root", images, "--student", student,
                          "--out", tmp_path / "cache", "--num-workers", "0"])
     reader = open_cache(tmp_path / "cache")
-    wanted = {r["image"] for r in train[:48] + test[:24]}
+    wanted = {r["image"] for r in train + test}
     assert set(reader.index) == wanted and reader.manifest.grid == 4
     sim, attn = reader.get(train[0]["image"])
     np.testing.assert_allclose(np.diag(sim), 1.0, atol=1e-3)
@@ -72,12 +91,12 @@ def test_vqa_rad_pipeline(vqa_rad_dir, tmp_path):
                         "--image-root", images, "--out", preds, "--max-new-tokens", "6", "--batch-size", "8",
                         "--device", "cpu"])
     lines = [json.loads(line) for line in preds.read_text().splitlines()]
-    assert [p["question_id"] for p in lines] == [r["id"] for r in test[:24]]
+    assert [p["question_id"] for p in lines] == [r["id"] for r in test]
     assert all(isinstance(p["text"], str) and p["metadata"]["teacher"]["expert"] == "unimed-b" for p in lines)
     _invoke(eval_main, ["score", "--pred", preds, "--gt", tmp_path / "test_small.json", "--task", "vqa",
                         "--out", tmp_path / "metrics.json"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    closed = sum(1 for r in test[:24] if r["answer_type"] == "CLOSED")
-    assert metrics["llava_med"]["num_close"] == closed and metrics["llava_med"]["num_open"] == 24 - closed
+    closed = sum(1 for r in test if r["answer_type"] == "CLOSED")
+    assert metrics["llava_med"]["num_close"] == closed and metrics["llava_med"]["num_open"] == len(test) - closed
     assert 0 <= metrics["llava_med"]["yes/no accuracy"] <= 100
     assert (tmp_path / "metrics.md").is_file()

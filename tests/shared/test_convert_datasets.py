@@ -1,5 +1,6 @@
 """``medalign-data convert``: each format on tiny synthetic inputs written in the source layout,
-and VQA-RAD on the real official file (skipped when ../shared is absent)."""
+and VQA-RAD on real official rows: the committed test split (tests/assets, always) and the full
+official file (../shared, development workspace only)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from shared.records import answer_text, answer_type, question_text
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 VQA_RAD = SHARED / "data" / "vqa-rad" / "qa.json"
-PREDICTIONS = SHARED / "data" / "llava-med-predictions" / "vqa-rad" / "answer-file.jsonl"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+#: committed: the 451 official test rows verbatim (tests/assets/vqa-rad/SOURCE.md)
+VQA_RAD_TEST_ROWS = ASSETS / "vqa-rad" / "qa.json"
+PREDICTIONS = ASSETS / "llava-med-predictions" / "vqa-rad" / "answer-file.jsonl"
 
 
 def run_convert(fmt: str, inp: Path, out: Path, *extra: str):
@@ -103,11 +107,52 @@ def test_vqa_rad_real_records_follow_the_official_rows(vqa_rad_out):
 
 
 def test_vqa_rad_test_ids_are_the_prediction_question_ids(vqa_rad_out):
-    if not PREDICTIONS.is_file():
-        pytest.skip("LLaVA-Med predictions not found")
     out, _ = vqa_rad_out
     pred_ids = [json.loads(line)["question_id"] for line in PREDICTIONS.read_text().splitlines() if line.strip()]
     assert [r["id"] for r in load(out, "test")] == pred_ids
+
+
+# --- VQA-RAD on the committed official test rows -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def vqa_rad_test_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vqa-rad-test")
+    result = run_convert("vqa-rad", VQA_RAD_TEST_ROWS, out)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_vqa_rad_committed_test_rows_convert(vqa_rad_test_out):
+    out, printed = vqa_rad_test_out
+    test = load(out, "test")
+    assert load(out, "train") == []
+    assert len(test) == 451 and Counter(r["answer_type"] for r in test) == {"CLOSED": 272, "OPEN": 179}
+    assert len({r["image"] for r in test}) == 203
+    assert "kept test: 451 (CLOSED 272, OPEN 179)" in printed
+    s = stats(out)
+    assert s["kept"] == {"test": 451} and s["skipped_total"] == 0
+    rows = json.loads(VQA_RAD_TEST_ROWS.read_text())
+    assert [r["id"] for r in test] == [int(r["qid"]) for r in rows]  # official order
+    for rec, row in zip(test, rows):
+        check_llava_shape(rec)
+        assert rec["image"] == row["image_name"]
+        assert question_text(rec) == row["question"].strip()
+        assert answer_text(rec) == str(row["answer"]).strip()
+        assert rec["answer_type"] == row["answer_type"].strip()
+        assert (rec["image_organ"], rec["question_type"], rec["phrase_type"]) == (
+            row["image_organ"], row["question_type"], row["phrase_type"])
+    pred_ids = [json.loads(line)["question_id"] for line in PREDICTIONS.read_text().splitlines() if line.strip()]
+    assert [r["id"] for r in test] == pred_ids
+
+
+def test_vqa_rad_image_root_drops_rows_without_their_image(tmp_path):
+    """With --image-root on the 12 committed images, the 44 test rows whose image is there stay."""
+    result = run_convert("vqa-rad", VQA_RAD_TEST_ROWS, tmp_path / "out", "--image-root",
+                         str(VQA_RAD_TEST_ROWS.parent / "images"))
+    assert result.exit_code == 0, result.output
+    test = load(tmp_path / "out", "test")
+    assert len(test) == 44 and Counter(r["answer_type"] for r in test) == {"CLOSED": 25, "OPEN": 19}
+    assert stats(tmp_path / "out")["skipped"] == {"image file not found under --image-root": 407}
 
 
 # --- VQA-RAD quirks on synthetic rows ---------------------------------------------------------

@@ -51,19 +51,40 @@ def test_crop_equals_open_clip_eval_transform_synthetic(size, wh):
     np.testing.assert_array_equal(np.asarray(ours.to_pil(img)), np.asarray(ref_pil))
 
 
-@pytest.fixture(scope="module")
-def vqa_rad_images(vqa_rad_dir):
-    paths = sorted((vqa_rad_dir / "images").iterdir())
+def _load_all(folder):
+    paths = sorted(folder.iterdir())
     with ThreadPoolExecutor(4) as pool:
         return list(zip(paths, pool.map(lambda p: load_image(p)[0], paths)))
 
 
-@pytest.mark.parametrize("size", [224, 336])
-def test_crop_equals_open_clip_on_every_vqa_rad_image(vqa_rad_images, size):
-    assert len(vqa_rad_images) == 315
-    assert any(img.size[0] != img.size[1] for _, img in vqa_rad_images)
+def _check_all(images, size):
     ours, theirs = _pair(size)
     with ThreadPoolExecutor(4) as pool:  # PIL resizes release the GIL
-        diffs = list(pool.map(lambda item: _max_diff(ours, theirs, item[1]), vqa_rad_images))
+        diffs = list(pool.map(lambda item: _max_diff(ours, theirs, item[1]), images))
     worst = int(np.argmax(diffs))
-    assert diffs[worst] <= 1e-6, f"{vqa_rad_images[worst][0].name}: max abs diff {diffs[worst]}"
+    assert diffs[worst] <= 1e-6, f"{images[worst][0].name}: max abs diff {diffs[worst]}"
+
+
+@pytest.fixture(scope="module")
+def vqa_rad_images(vqa_rad_dir):
+    return _load_all(vqa_rad_dir / "images")
+
+
+@pytest.mark.parametrize("size", [224, 336])
+def test_crop_equals_open_clip_on_every_vqa_rad_image(vqa_rad_images, size):
+    """All 315 images of the full copy (development workspace only)."""
+    assert len(vqa_rad_images) == 315
+    assert any(img.size[0] != img.size[1] for _, img in vqa_rad_images)
+    _check_all(vqa_rad_images, size)
+
+
+@pytest.mark.parametrize("size", [224, 336])
+def test_crop_equals_open_clip_on_the_committed_vqa_rad_images(vqa_rad_subset_dir, size):
+    """The 12 committed real JPEGs (tests/assets): the tallest, widest, largest and smallest of
+    the set and synpic21776 (986 x 1200, the size the old rounding got wrong at 224)."""
+    images = _load_all(vqa_rad_subset_dir / "images")
+    assert len(images) == 12
+    sizes = {p.name: img.size for p, img in images}
+    assert sizes["synpic21776.jpg"] == (986, 1200) and sizes["synpic100132.jpg"] == (2321, 1384)
+    assert sum(w != h for w, h in sizes.values()) == 10
+    _check_all(images, size)

@@ -292,20 +292,32 @@ def test_info_verify_show(tiny, tmp_path):
     assert (tmp_path / "fig.png").stat().st_size > 1000
 
 
-def test_real_vqa_rad_images(vqa_rad_dir, tmp_path):
-    """Every real VQA-RAD image goes through the build (JPEGs up to 2321x1500)."""
+def _build_real_images(image_root: Path, names: list[str], tmp_path: Path):
     root = tmp_path / "t"
     root.mkdir()
     weights = root / "tiny-b.pt"
     (root / "cfg.json").write_text(json.dumps(save_tiny_unimed(weights, "b")))
-    qa = json.loads((vqa_rad_dir / "qa.json").read_text())
-    names = sorted({r["image_name"] for r in qa})
     make_dataset(root / "d.json", names)
     _run(["build", "--expert", "unimed-b", "--weights", str(weights), "--model-config", str(root / "cfg.json"),
-          "--image-root", str(vqa_rad_dir / "images"), "--data", str(root / "d.json"), "--grid", "4",
+          "--image-root", str(image_root), "--data", str(root / "d.json"), "--grid", "4",
           "--out", str(root / "c"), "--batch-size", "64", "--num-workers", "2"])
     r = open_cache(root / "c")
-    assert len(r) == len(names) == 314 and not r.manifest.failures
     sim, attn = r.get(names[0])
     np.testing.assert_allclose(np.diag(sim), 1.0, atol=1e-3)
     assert (attn >= 0).all() and 0 < attn.sum() <= 1.0 + 1e-5
+    return r
+
+
+def test_real_vqa_rad_images(vqa_rad_dir, tmp_path):
+    """Every real VQA-RAD image goes through the build (JPEGs up to 2321x1500)."""
+    qa = json.loads((vqa_rad_dir / "qa.json").read_text())
+    names = sorted({r["image_name"] for r in qa})
+    r = _build_real_images(vqa_rad_dir / "images", names, tmp_path)
+    assert len(r) == len(names) == 314 and not r.manifest.failures
+
+
+def test_committed_vqa_rad_images(vqa_rad_subset_dir, tmp_path):
+    """The 12 committed real JPEGs (256x256 up to 2321x1384 and 1024x1500) go through the build."""
+    names = sorted(p.name for p in (vqa_rad_subset_dir / "images").iterdir())
+    r = _build_real_images(vqa_rad_subset_dir / "images", names, tmp_path)
+    assert len(r) == len(names) == 12 and not r.manifest.failures

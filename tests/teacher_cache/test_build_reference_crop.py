@@ -2,8 +2,8 @@
 
 A random-weight tower in the UniMed-B checkpoint format (224 px input, 16 px patches, 14x14 grid;
 reduced width so it runs on a CPU) goes through the real ``unimed-b`` loading path and the real
-CLI onto the student's 24x24 grid, over real VQA-RAD images (non-square ones included). The
-expected signals are computed independently in float64, the way the reference notebooks
+CLI onto the student's 24x24 grid, over real VQA-RAD images (non-square ones included; committed
+under ``tests/assets/vqa-rad/images``, so the test runs in every clone). The expected signals are computed independently in float64, the way the reference notebooks
 (``Distill_data_unimed_B/{Similarity_matrix,Attention}.ipynb``) do: open_clip's own eval
 transform, the ViT forward from the state dict (``expert_reference.open_clip_vit``), the last
 block's patch tokens L2-normalised -> bilinear 14 -> 24 -> L2-normalised -> ``F F^T``, and the
@@ -62,7 +62,8 @@ def reference_signals(state: dict, images: list, grid: int) -> tuple[np.ndarray,
     return np.stack(sims), np.stack(attns)
 
 
-def test_crop_build_equals_the_reference_computation(vqa_rad_dir, tmp_path):
+def test_crop_build_equals_the_reference_computation(vqa_rad_subset_dir, tmp_path):
+    """On the eight committed images of ``IMAGES`` (tests/assets/vqa-rad/images)."""
     weights = tmp_path / "unimed-b-narrow.pt"
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(save_random_unimed(weights, "unimed-b", NARROW_B16, seed=3)))
@@ -71,7 +72,7 @@ def test_crop_build_equals_the_reference_computation(vqa_rad_dir, tmp_path):
         {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]} for i, name in enumerate(IMAGES)]))
     res = CliRunner().invoke(main, [
         "build", "--expert", "unimed-b", "--weights", str(weights), "--model-config", str(cfg_path),
-        "--data", str(data), "--image-root", str(vqa_rad_dir / "images"), "--grid", "24", "--geometry", "crop",
+        "--data", str(data), "--image-root", str(vqa_rad_subset_dir / "images"), "--grid", "24", "--geometry", "crop",
         "--out", str(tmp_path / "c"), "--batch-size", "4", "--num-workers", "0"])
     assert res.exit_code == 0, res.output
     cache = open_cache(tmp_path / "c")
@@ -80,7 +81,7 @@ def test_crop_build_equals_the_reference_computation(vqa_rad_dir, tmp_path):
 
     state = {k.removeprefix("module.visual."): v for k, v in
              torch.load(weights, weights_only=True)["state_dict"].items() if k.startswith("module.visual.")}
-    images = [load_image(vqa_rad_dir / "images" / name)[0] for name in IMAGES]
+    images = [load_image(vqa_rad_subset_dir / "images" / name)[0] for name in IMAGES]
     assert sum(img.size[0] != img.size[1] for img in images) == 6
     r_sim, r_attn = reference_signals(state, images, 24)
     for i, name in enumerate(IMAGES):
