@@ -10,7 +10,6 @@ identical.
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,6 @@ from shared.images import Preprocess, decode_image, read_image_bytes, resolve_im
 from shared.records import load_records, record_image
 from teacher_cache.experts import get_expert, load_expert, weights_sha256
 from teacher_cache.signals import teacher_signals
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,6 @@ def main():
     """Build and inspect MedAlign teacher caches (expert CLIP similarity + attention targets)."""
 
 
-def _expert_choice():
-    from teacher_cache.experts import list_experts
-    return click.Choice(list_experts())
-
-
 @main.command()
 @click.option("--expert", required=True, help="Expert CLIP: unimed-l (default in the paper), unimed-b, biomedclip.")
 @click.option("--weights", required=True, type=click.Path(exists=True, path_type=Path),

@@ -13,10 +13,10 @@ One module a job:
 
 from teacher_cache.experts.checkpoint import weights_file, weights_sha256
 from teacher_cache.experts.loader import Expert, load_expert
-from teacher_cache.experts.registry import (DEFAULT_EXPERT, EXPERTS, OPENAI_MEAN, OPENAI_STD, ExpertSpec,
+from teacher_cache.experts.registry import (EXPERTS, OPENAI_MEAN, OPENAI_STD, ExpertSpec,
                                             get_expert, list_experts)
 
 __all__ = [
-    "DEFAULT_EXPERT", "EXPERTS", "Expert", "ExpertSpec", "OPENAI_MEAN", "OPENAI_STD", "get_expert",
+    "EXPERTS", "Expert", "ExpertSpec", "OPENAI_MEAN", "OPENAI_STD", "get_expert",
     "list_experts", "load_expert", "weights_file", "weights_sha256",
 ]

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -61,31 +58,17 @@ class Expert:
     ``num_layers``, ``visual`` (the open_clip image tower).
     """
 
-    def __init__(self, spec: ExpertSpec, visual: nn.Module, preprocess: Preprocess, device: torch.device,
-                 dtype: torch.dtype, weights: Path, tower: _Tower | None = None):
+    def __init__(self, spec: ExpertSpec, visual: nn.Module, tower: _Tower, preprocess: Preprocess,
+                 device: torch.device, dtype: torch.dtype):
         self.spec = spec
         self.visual = visual
+        self._tower = tower
         self.preprocess = preprocess
         self.device = device
         self.dtype = dtype
-        self.weights = weights
-        self._tower = tower if tower is not None else make_tower(visual)
-        self.grid = self._tower.grid
-        self.num_layers = self._tower.num_blocks
+        self.grid = tower.grid
+        self.num_layers = tower.num_blocks
         self.layer = self.num_layers - 1
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid * self.grid
-
-    def info(self) -> dict:
-        """Provenance for the cache manifest: the spec as loaded, the block read, the dtype."""
-        return {**self.spec.to_json(), "layer": self.layer, "num_layers": self.num_layers,
-                "num_prefix_tokens": self._tower.num_prefix_tokens, "dtype": str(self.dtype).removeprefix("torch.")}
-
-    def pixels(self, images: Sequence) -> Tensor:
-        """Preprocess PIL images into a (B, 3, S, S) float32 CPU batch."""
-        return torch.from_numpy(np.stack([self.preprocess(img) for img in images]))
 
     @torch.inference_mode()
     def encode(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
@@ -104,14 +87,10 @@ class Expert:
                                 f"got {tuple(pixels.shape)}")
         x = pixels.to(device=self.device, dtype=self.dtype)
         e_v, e_a = last_block_signals(self._tower, x, self.spec.token_mode)
-        m = self.num_patches
+        m = self.spec.num_patches
         if e_v.shape[1] != m or e_a.shape[1] != m:
             raise RuntimeError(f"expected {m} patch tokens, got E_v {tuple(e_v.shape)}, E_a {tuple(e_a.shape)}")
         return e_v, e_a
-
-    def encode_images(self, images: Sequence) -> tuple[Tensor, Tensor]:
-        """:meth:`encode` on PIL images, preprocessed with :attr:`preprocess`."""
-        return self.encode(self.pixels(images))
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -186,7 +165,7 @@ def load_expert(expert: str | ExpertSpec, weights: str | Path, *, device: str | 
     resolved = replace(spec, image_size=tower.image_size, grid=tower.grid, mean=mean, std=std,
                        quick_gelu=quick_gelu)
     preprocess = Preprocess(image_size=resolved.image_size, mean=resolved.mean, std=resolved.std, geometry=geometry)
-    return Expert(resolved, visual, preprocess, dev, dt, ckpt.path, tower)
+    return Expert(resolved, visual, tower, preprocess, dev, dt)
 
 
 __all__ = ["Expert", "load_expert"]

@@ -52,7 +52,6 @@ class ExpertSpec:
     resample_order: str = DEFAULT_RESAMPLE_ORDER
     """The default feature resampling order when g != G: the reference notebook's for this expert
     (``norm-resample-norm``: UniMed-B; ``resample-norm``: BiomedCLIP)."""
-    description: str = ""
 
     def __post_init__(self):
         if self.token_mode not in TOKEN_MODES:
@@ -68,34 +67,26 @@ class ExpertSpec:
         """M = g*g."""
         return self.grid * self.grid
 
-    def to_json(self) -> dict:
-        return {"name": self.name, "arch": self.arch, "image_size": self.image_size, "grid": self.grid,
-                "mean": list(self.mean), "std": list(self.std), "token_mode": self.token_mode,
-                "weight_format": self.weight_format, "quick_gelu": self.quick_gelu}
-
 
 EXPERTS: dict[str, ExpertSpec] = {
+    # UniMed-CLIP ViT-L/14 @336 (24x24 = 576 patches); the paper's default expert
     "unimed-l": ExpertSpec(
         name="unimed-l", arch="ViT-L-14-336-quickgelu", image_size=336, grid=24,
-        mean=OPENAI_MEAN, std=OPENAI_STD, token_mode="raw", weight_format="unimed-pt", quick_gelu=True,
-        description="UniMed-CLIP ViT-L/14 @336 (24x24 = 576 patches); the default expert"),
+        mean=OPENAI_MEAN, std=OPENAI_STD, token_mode="raw", weight_format="unimed-pt", quick_gelu=True),
+    # UniMed-CLIP ViT-B/16 @224 (14x14 = 196 patches)
     "unimed-b": ExpertSpec(
         name="unimed-b", arch="ViT-B-16-quickgelu", image_size=224, grid=14,
-        mean=OPENAI_MEAN, std=OPENAI_STD, token_mode="raw", weight_format="unimed-pt", quick_gelu=True,
-        description="UniMed-CLIP ViT-B/16 @224 (14x14 = 196 patches)"),
+        mean=OPENAI_MEAN, std=OPENAI_STD, token_mode="raw", weight_format="unimed-pt", quick_gelu=True),
+    # BiomedCLIP (timm ViT-B/16 @224 trunk, 14x14 = 196 patches, 512-d projected tokens); weights: the
+    # open_clip directory (open_clip_config.json + open_clip_pytorch_model.bin)
     "biomedclip": ExpertSpec(
         name="biomedclip", arch=None, image_size=224, grid=14,
         mean=OPENAI_MEAN, std=OPENAI_STD, token_mode="proj", weight_format="open-clip-dir", quick_gelu=False,
-        resample_order="resample-norm",  # Distill_data_biomed/Similarity_matrix.ipynb resamples raw tokens
-        description="BiomedCLIP (timm ViT-B/16 @224 trunk, 14x14 = 196 patches, 512-d projected tokens); "
-                    "weights: the open_clip directory (open_clip_config.json + open_clip_pytorch_model.bin)"),
+        resample_order="resample-norm"),  # Distill_data_biomed/Similarity_matrix.ipynb resamples raw tokens
 }
 
-DEFAULT_EXPERT = "unimed-l"
-
-
 def list_experts() -> list[str]:
-    """The registered expert ids, default first."""
+    """The registered expert ids, the paper's default (unimed-l) first."""
     return list(EXPERTS)
 
 
@@ -107,5 +98,5 @@ def get_expert(name: str) -> ExpertSpec:
         raise MedAlignError(f"unknown expert {name!r}; valid experts: {', '.join(list_experts())}") from None
 
 
-__all__ = ["DEFAULT_EXPERT", "EXPERTS", "ExpertSpec", "OPENAI_MEAN", "OPENAI_STD", "TOKEN_MODES", "WEIGHT_FORMATS",
+__all__ = ["EXPERTS", "ExpertSpec", "OPENAI_MEAN", "OPENAI_STD", "TOKEN_MODES", "WEIGHT_FORMATS",
            "get_expert", "list_experts"]
