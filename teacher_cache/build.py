@@ -26,6 +26,7 @@ from shared.errors import BadImageError, MedAlignError
 from shared.grid import check_resample_order
 from shared.images import Preprocess, decode_image, read_image_bytes, resolve_image_path, sha256_bytes
 from shared.records import load_records, record_image
+from shared.runtime import resolve_device
 from teacher_cache.experts import get_expert, load_expert, weights_sha256
 from teacher_cache.signals import teacher_signals
 
@@ -46,7 +47,7 @@ class BuildConfig:
     sim_dtype: str = "float16"       # float16 | int8
     batch_size: int = 32             # images per expert forward
     num_workers: int = 2             # image-decoding worker processes (0 = in the main process)
-    device: str = "cpu"              # cpu | cuda
+    device: str = "cpu"              # auto | cpu | cuda | cuda:K (resolved: auto becomes cuda or cpu)
     resume: bool = False             # finish an interrupted build in --out
     skip_bad: bool = False           # record unreadable images in the manifest instead of stopping
     shard_size: int = DEFAULT_SHARD_SIZE
@@ -60,8 +61,7 @@ class BuildConfig:
             raise MedAlignError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise MedAlignError(f"--num-workers must be >= 0, got {self.num_workers}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise MedAlignError("--device cuda requested but no CUDA device is available")
+        object.__setattr__(self, "device", str(resolve_device(self.device)))  # auto -> cuda or cpu
         if not self.data:
             raise MedAlignError("give at least one --data file")
         if self.resample_order is None:

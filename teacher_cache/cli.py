@@ -46,7 +46,7 @@ def main():
               help="Encoding of the similarity triangle.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--num-workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (bf16 on CUDA).")
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:K (bf16 on CUDA).")
 @click.option("--shard-size", type=int, default=256, show_default=True, help="Rows per shard file.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted build in --out.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images in the manifest and go on.")
@@ -106,7 +106,7 @@ def info(cache, as_json):
 @click.option("--weights", type=click.Path(exists=True, path_type=Path), help="Expert weights (for --recompute).")
 @click.option("--image-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Image root of the datasets (for --recompute).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:K.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--model-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="open_clip model config JSON, as given to build.")

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from shared.errors import MedAlignError
 from shared.images import Preprocess
+from shared.runtime import DTYPE_NAMES, check_dtype_name, resolve_device, torch_dtype
 from teacher_cache.experts.checkpoint import read_checkpoint
 from teacher_cache.experts.registry import ExpertSpec, get_expert
 from teacher_cache.experts.towers import _Tower, build_visual, last_block_signals, make_tower
@@ -94,30 +95,17 @@ class Expert:
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """``dtype`` as a torch dtype (a :data:`shared.runtime.DTYPE_NAMES` name or the dtype itself);
+    None: float32 on CPU, bfloat16 (float16 without bf16 support) on CUDA."""
     if dtype is None:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise MedAlignError(f"unsupported expert dtype {dtype}; use float32, bfloat16 or float16")
+        if dtype not in [torch_dtype(name) for name in DTYPE_NAMES]:
+            raise MedAlignError(f"unsupported expert dtype {dtype}; use {', '.join(DTYPE_NAMES)}")
         return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    try:
-        return names[str(dtype).lower()]
-    except KeyError:
-        raise MedAlignError(f"unknown dtype {dtype!r}; choose from {', '.join(names)}") from None
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise MedAlignError(f"bad device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MedAlignError(f"device {device!r} requested but CUDA is not available")
-    return dev
+    return torch_dtype(check_dtype_name(str(dtype), "expert dtype"))
 
 
 def load_expert(expert: str | ExpertSpec, weights: str | Path, *, device: str | torch.device = "cpu",
@@ -129,8 +117,9 @@ def load_expert(expert: str | ExpertSpec, weights: str | Path, *, device: str | 
         expert: a registry id (``unimed-l``, ``unimed-b``, ``biomedclip``) or an :class:`ExpertSpec`.
         weights: ``unimed-pt``: the checkpoint file; ``open-clip-dir``: the directory (a
             ``local-dir:`` prefix is accepted).
-        device: where the tower runs.
-        dtype: parameter dtype; the weights are cast (no autocast). None: float32 on CPU,
+        device: where the tower runs: ``auto``, ``cpu``, ``cuda`` or ``cuda:K`` (or a ``torch.device``).
+        dtype: parameter dtype (``float32``/``bfloat16``/``float16`` or the torch dtype); the weights are
+            cast (no autocast). None: float32 on CPU,
             bfloat16 (float16 without bf16 support) on CUDA.
         geometry: ``pad`` (pad to square with the mean colour, the student's view) or ``crop``
             (open_clip's centre crop) for :attr:`Expert.preprocess`.
@@ -142,7 +131,7 @@ def load_expert(expert: str | ExpertSpec, weights: str | Path, *, device: str | 
             tower exactly (missing / unexpected keys and shape mismatches are named).
     """
     spec = expert if isinstance(expert, ExpertSpec) else get_expert(expert)
-    dev = _resolve_device(device)
+    dev = resolve_device(str(device), "expert device")
     dt = _resolve_dtype(dtype, dev)
     ckpt = read_checkpoint(spec, weights, model_cfg)
     cfg, quick_gelu, mean, std = ckpt.model_cfg, ckpt.quick_gelu, ckpt.mean, ckpt.std

@@ -266,7 +266,7 @@ def test_bf16_weights_cast(unimed_b):
     cos = torch.nn.functional.cosine_similarity(v16, v32, dim=-1)
     assert cos.min() > 0.99
     assert (a16 - a32).abs().max() < 0.1 * a32.max()
-    assert load_expert("unimed-b", path, model_cfg=cfg, dtype="fp16").dtype == torch.float16
+    assert load_expert("unimed-b", path, model_cfg=cfg, dtype="float16").dtype == torch.float16
 
 
 # ------------------------------------------------------------------------------------------------
