@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import MedAlignError
-from shared.grid import LEGACY_RESAMPLE_ORDER, check_resample_order
+from shared.cache.encoding import SIM_DTYPES
+from shared.grid import LEGACY_RESAMPLE_ORDER, check_resample_order, triangle_size
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.json"
 STORAGES = ("zarr", "hdf5")
-SIM_DTYPES = ("float16", "int8")
-INT8_SCALE = 127.0
 _ORDER_WORDS = {"norm-resample-norm": "L2-normalise, resample, L2-normalise again",
                 "resample-norm": "raw tokens resampled, then L2-normalised"}
 
@@ -38,7 +37,7 @@ class Manifest:
     Arrays (one row per unique image, rows grouped into shards of ``shard_size``):
     ``key`` sha256 hex of the image bytes ("" for a row whose image failed with --skip-bad);
     ``sim`` packed upper triangle of the N x N similarity matrix (``np.triu_indices(N)`` order),
-    float16, or int8 holding round(127 * s); ``attn`` the N-vector E_a, float32.
+    float16, or int8 holding round(127 * s) (:mod:`shared.cache.encoding`); ``attn`` the N-vector E_a, float32.
     """
 
     expert: str                      # registry name, e.g. "unimed-l"
@@ -79,10 +78,6 @@ class Manifest:
     @property
     def geometry(self) -> str:
         return str(self.preprocessing.get("geometry", ""))
-
-    @property
-    def sim_scale(self) -> float:
-        return INT8_SCALE if self.sim_dtype == "int8" else 1.0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -146,7 +141,7 @@ class Manifest:
             f"(N = {self.num_tokens})",
             f"resampling    bilinear, features {self.resample_order} ({_ORDER_WORDS[self.resample_order]})"
             + ("" if self.resampled else " (no effect: the grids match, nothing was resampled)"),
-            f"encoding      sim {self.sim_dtype} packed triangle ({self.num_tokens * (self.num_tokens + 1) // 2} "
+            f"encoding      sim {self.sim_dtype} packed triangle ({triangle_size(self.num_tokens)} "
             f"values/row), attn float32, storage {self.storage}, {self.compression or 'compression not recorded'}",
             f"rows          {self.rows} in {len(self.shards)} shard(s) of up to {self.shard_size}",
             f"failures      {len(self.failures)}",

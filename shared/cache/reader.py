@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.cache.encoding import decode_sim
 from shared.cache.manifest import INDEX_NAME, MANIFEST_NAME, Manifest
 from shared.cache.storage import make_storage
 from shared.cache.writer import normalise_rel
@@ -86,10 +87,7 @@ class CacheReader:
         if not 0 <= row < self.manifest.rows:
             raise IndexError(f"row {row} out of range for a cache of {self.manifest.rows} rows")
         tri, attn = self._store().read(int(row))
-        sim = unpack_triangle(tri.astype(np.float32))
-        if self.manifest.sim_dtype == "int8":
-            sim /= self.manifest.sim_scale
-        return sim, np.asarray(attn, dtype=np.float32)
+        return unpack_triangle(decode_sim(tri, self.manifest.sim_dtype)), np.asarray(attn, dtype=np.float32)
 
     def get(self, rel_path: str, image_root: str | Path | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         row = self.lookup(rel_path, image_root)

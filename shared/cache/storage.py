@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.grid import triangle_size
 from shared.images import sha256_file
 
 STAGING = ".staging"
@@ -36,7 +37,7 @@ class ZarrStorage:
     def __init__(self, root: str | Path, rows: int, num_tokens: int, shard_size: int, sim_dtype: str):
         self.root = Path(root)
         self.rows, self.n, self.shard_size, self.sim_dtype = rows, num_tokens, shard_size, sim_dtype
-        self.tri = num_tokens * (num_tokens + 1) // 2
+        self.tri = triangle_size(num_tokens)
 
     def _create_arrays(self, where: Path) -> dict:
         import zarr
@@ -197,7 +198,7 @@ class Hdf5Storage:
     def __init__(self, root: str | Path, rows: int, num_tokens: int, shard_size: int, sim_dtype: str):
         self.root = Path(root)
         self.rows, self.n, self.shard_size, self.sim_dtype = rows, num_tokens, shard_size, sim_dtype
-        self.tri = num_tokens * (num_tokens + 1) // 2
+        self.tri = triangle_size(num_tokens)
 
     @staticmethod
     def shard_name(index: int) -> str:
