@@ -26,6 +26,13 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.json"
 STORAGES = ("zarr", "hdf5")
+#: What makes two caches interchangeable for a student: :meth:`Manifest.identity` is these fields.
+IDENTITY_KEYS = ("expert", "weights_sha256", "grid", "geometry", "token_mode", "patch_grid", "resample_order",
+                 "sim_dtype")
+#: The part of the identity a build fixes before its expert runs, which another build into the same
+#: ``--out`` must share: all of it but ``patch_grid`` (known once the expert is loaded) and
+#: ``sim_dtype`` (the writer's own setting, recorded in its plan).
+BUILD_IDENTITY_KEYS = tuple(k for k in IDENTITY_KEYS if k not in ("patch_grid", "sim_dtype"))
 _ORDER_WORDS = {"norm-resample-norm": "L2-normalise, resample, L2-normalise again",
                 "resample-norm": "raw tokens resampled, then L2-normalised"}
 
@@ -119,11 +126,10 @@ class Manifest:
         return cls.from_json(data, str(path))
 
     def identity(self) -> dict[str, Any]:
-        """What makes two caches interchangeable for a student: expert, weights, geometry, grid, tokens,
-        resample order."""
-        return {"expert": self.expert, "weights_sha256": self.weights_sha256, "grid": self.grid,
-                "geometry": self.geometry, "token_mode": self.token_mode, "patch_grid": self.patch_grid,
-                "resample_order": self.resample_order, "sim_dtype": self.sim_dtype}
+        """What makes two caches interchangeable for a student (:data:`IDENTITY_KEYS`): expert, weights,
+        geometry, grid, tokens, patch grid, resample order, encoding. A copy of the cache elsewhere has
+        the same identity; :meth:`CacheReader.identity` adds where this copy is."""
+        return {key: getattr(self, key) for key in IDENTITY_KEYS}
 
     @property
     def resampled(self) -> bool:

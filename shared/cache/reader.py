@@ -94,7 +94,8 @@ class CacheReader:
         return None if row is None else self.read(row)
 
     def identity(self) -> dict:
-        """Who taught a run: JSON-able, saved with every training run."""
+        """Who taught a run, saved with every training run (JSON-able): :meth:`Manifest.identity`
+        (what makes caches interchangeable) plus this copy's storage format, path, manifest digest and rows."""
         digest = sha256_file(self.path / MANIFEST_NAME)
         return {**self.manifest.identity(), "format": self.manifest.storage, "path": str(self.path.resolve()),
                 "manifest_sha256": digest, "rows": self.manifest.rows}

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from shared.cache.encoding import SIM_DTYPES, encode_sim
-from shared.cache.manifest import INDEX_NAME, MANIFEST_NAME, STORAGES, Manifest
+from shared.cache.manifest import BUILD_IDENTITY_KEYS, INDEX_NAME, MANIFEST_NAME, STORAGES, Manifest
 from shared.cache.storage import STAGING, make_storage
 from shared.errors import MedAlignError
 from shared.fileio import atomic_write_json
@@ -27,8 +27,6 @@ from shared.grid import DEFAULT_RESAMPLE_ORDER, LEGACY_RESAMPLE_ORDER, pack_tria
 
 PROGRESS = ".progress"
 DEFAULT_SHARD_SIZE = 256
-#: Keys of the identity that another build into the same --out must share.
-IDENTITY_KEYS = ("expert", "weights_sha256", "grid", "geometry", "token_mode", "resample_order")
 
 
 def normalise_rel(path: str) -> str:
@@ -47,8 +45,8 @@ def _version() -> str:
 class CacheWriter:
     """Creates (or resumes) a cache in ``out``.
 
-    ``identity`` is the dict of :data:`IDENTITY_KEYS` (plus anything else that must match on
-    resume); ``keys`` is the sha256 of each row's image in row order; ``index`` maps every
+    ``identity`` is the dict of :data:`~shared.cache.manifest.BUILD_IDENTITY_KEYS` (plus anything else
+    that must match on resume); ``keys`` is the sha256 of each row's image in row order; ``index`` maps every
     dataset-relative path to its row.
     """
 
@@ -61,7 +59,7 @@ class CacheWriter:
             raise MedAlignError(f"unknown --dtype {sim_dtype!r}; choose one of {', '.join(SIM_DTYPES)}")
         if shard_size < 1:
             raise MedAlignError("shard size must be >= 1")
-        missing = [k for k in IDENTITY_KEYS if k not in identity]
+        missing = [k for k in BUILD_IDENTITY_KEYS if k not in identity]
         if missing:
             raise ValueError(f"CacheWriter identity lacks {missing}")
         self.out = Path(out)
@@ -82,7 +80,7 @@ class CacheWriter:
             existing = Manifest.load(self.out)
             ours = self.plan["identity"]
             theirs = existing.identity()
-            diff = {k: (theirs.get(k), ours.get(k)) for k in IDENTITY_KEYS if theirs.get(k) != ours.get(k)}
+            diff = {k: (theirs.get(k), ours.get(k)) for k in BUILD_IDENTITY_KEYS if theirs.get(k) != ours.get(k)}
             if not existing.resampled:  # g == G: nothing was resampled, both orders give the same arrays
                 diff.pop("resample_order", None)
             if diff:
