@@ -94,13 +94,22 @@ class ZarrStorage:
         return _ZarrRows(group["key"], group["sim"], group["attn"])
 
 
+def _little_endian(bytes_codec: dict, dtype: str) -> bool:
+    """Whether a zarr ``bytes`` codec stores little-endian values; zarr writes no endian at all for
+    single-byte types (int8), where the byte order does not exist."""
+    endian = bytes_codec.get("configuration", {}).get("endian")
+    return endian == "little" or (endian is None and np.dtype(dtype).itemsize == 1)
+
+
 class _ShardFile:
     """Direct reads of one row from a sharded zarr array written by :class:`ZarrStorage`.
 
     zarr-python spends ~0.5 ms of asyncio machinery per read; a row is one ``pread`` of the shard
     index (cached) and one of the chunk, then blosc. Used only when the array's ``zarr.json`` has
     exactly the codec chain written here (sharding_indexed: bytes/little + blosc, index
-    bytes/little + crc32c at the end); anything else is read through zarr itself.
+    bytes/little + crc32c at the end); anything else is read through zarr itself. Its imports
+    (numcodecs' blosc, google_crc32c) are declared dependencies; tests/teacher_cache/test_build.py
+    pins it to zarr's own reads on every row of a built cache, float16 and int8.
     """
 
     def __init__(self, root: Path, shard_rows: int, width: int, dtype: str):
@@ -117,7 +126,7 @@ class _ShardFile:
             cfg = codec["configuration"]
             ok = (codec["name"] == "sharding_indexed" and cfg["index_location"] == "end"
                   and [c["name"] for c in cfg["codecs"]] == ["bytes", "blosc"]
-                  and cfg["codecs"][0]["configuration"]["endian"] == "little"
+                  and _little_endian(cfg["codecs"][0], meta["data_type"])
                   and [c["name"] for c in cfg["index_codecs"]] == ["bytes", "crc32c"]
                   and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
                   and len(meta["shape"]) == 2 and cfg["chunk_shape"] == [1, meta["shape"][1]]
