@@ -28,16 +28,20 @@ def _blosc(dtype: str):
     return BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle" if dtype == "int8" else "shuffle")
 
 
-class ZarrStorage:
-    """``CACHE/{key,sim,attn}/`` arrays in a Zarr v3 group with the sharding codec."""
-
-    name = "zarr"
-    compression = "blosc zstd level 3 (byte shuffle for float16/float32), one chunk per row"
+class _Layout:
+    """What both layouts are given: the cache directory, its rows, N, rows per shard, the sim encoding."""
 
     def __init__(self, root: str | Path, rows: int, num_tokens: int, shard_size: int, sim_dtype: str):
         self.root = Path(root)
         self.rows, self.n, self.shard_size, self.sim_dtype = rows, num_tokens, shard_size, sim_dtype
         self.tri = triangle_size(num_tokens)
+
+
+class ZarrStorage(_Layout):
+    """``CACHE/{key,sim,attn}/`` arrays in a Zarr v3 group with the sharding codec."""
+
+    name = "zarr"
+    compression = "blosc zstd level 3 (byte shuffle for float16/float32), one chunk per row"
 
     def _create_arrays(self, where: Path) -> dict:
         import zarr
@@ -198,16 +202,11 @@ class _ZarrRows:
                 arr.close()
 
 
-class Hdf5Storage:
+class Hdf5Storage(_Layout):
     """``CACHE/shards/shard-NNNNN.h5``, each holding ``key``, ``sim``, ``attn`` for its rows."""
 
     name = "hdf5"
     compression = "gzip level 4 with shuffle, one chunk per row"
-
-    def __init__(self, root: str | Path, rows: int, num_tokens: int, shard_size: int, sim_dtype: str):
-        self.root = Path(root)
-        self.rows, self.n, self.shard_size, self.sim_dtype = rows, num_tokens, shard_size, sim_dtype
-        self.tri = triangle_size(num_tokens)
 
     @staticmethod
     def shard_name(index: int) -> str:
