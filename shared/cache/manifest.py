@@ -13,12 +13,12 @@ readable; a build or ``--resume`` with the other order refuses to mix into them.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shared.errors import MedAlignError
+from shared.records import read_json
 from shared.cache.encoding import SIM_DTYPES
 from shared.grid import LEGACY_RESAMPLE_ORDER, check_resample_order, triangle_size
 
@@ -119,11 +119,7 @@ class Manifest:
             hint = " (an unfinished build: rerun `medalign-cache build ... --resume`)" if (
                 Path(cache_dir) / ".progress").is_dir() else ""
             raise MedAlignError(f"{cache_dir}: not a MedAlign cache, no {MANIFEST_NAME}{hint}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise MedAlignError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
-        return cls.from_json(data, str(path))
+        return cls.from_json(read_json(path), str(path))
 
     def identity(self) -> dict[str, Any]:
         """What makes two caches interchangeable for a student (:data:`IDENTITY_KEYS`): expert, weights,
