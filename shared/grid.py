@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.errors import MedAlignError
+from shared.records import read_json
 
 
 #: How the expert's patch features are resampled to the student grid when the grids differ
@@ -87,10 +87,9 @@ def student_grid(model_dir: str | Path) -> int:
     cfg_path = Path(model_dir) / "config.json"
     if not cfg_path.is_file():
         raise MedAlignError(f"{model_dir}: no config.json; expected an HF-format LLaVA model directory")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise MedAlignError(f"{cfg_path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+    cfg = read_json(cfg_path)
+    if not isinstance(cfg, dict):
+        cfg = {}
     vision = cfg.get("vision_config")
     if not isinstance(vision, dict) or "image_size" not in vision or "patch_size" not in vision:
         raise MedAlignError(

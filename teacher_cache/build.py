@@ -10,7 +10,6 @@ identical.
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +20,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from shared.cache import CacheWriter, Manifest, normalise_rel
-from shared.cache.manifest import INT8_SCALE
+from shared.cache.encoding import encode_sim
 from shared.cache.writer import DEFAULT_SHARD_SIZE
 from shared.errors import BadImageError, MedAlignError
-from shared.grid import check_resample_order
+from shared.grid import check_resample_order, triangle_size
 from shared.images import Preprocess, decode_image, read_image_bytes, resolve_image_path, sha256_bytes
 from shared.records import load_records, record_image
+from shared.runtime import resolve_device
 from teacher_cache.experts import get_expert, load_expert, weights_sha256
 from teacher_cache.signals import teacher_signals
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,7 @@ class BuildConfig:
     sim_dtype: str = "float16"       # float16 | int8
     batch_size: int = 32             # images per expert forward
     num_workers: int = 2             # image-decoding worker processes (0 = in the main process)
-    device: str = "cpu"              # cpu | cuda
+    device: str = "cpu"              # auto | cpu | cuda | cuda:K (resolved: auto becomes cuda or cpu)
     resume: bool = False             # finish an interrupted build in --out
     skip_bad: bool = False           # record unreadable images in the manifest instead of stopping
     shard_size: int = DEFAULT_SHARD_SIZE
@@ -63,8 +61,7 @@ class BuildConfig:
             raise MedAlignError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise MedAlignError(f"--num-workers must be >= 0, got {self.num_workers}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise MedAlignError("--device cuda requested but no CUDA device is available")
+        object.__setattr__(self, "device", str(resolve_device(self.device)))  # auto -> cuda or cpu
         if not self.data:
             raise MedAlignError("give at least one --data file")
         if self.resample_order is None:
@@ -212,13 +209,6 @@ class _ShardBuffer:
         self.failed: set[int] = set()
 
 
-def _encode_on_device(tri: torch.Tensor, sim_dtype: str) -> torch.Tensor:
-    """float16 or int8 (round(127 s)) on the device: half the bytes to move, no CPU pass."""
-    if sim_dtype == "int8":
-        return torch.round(tri.float() * INT8_SCALE).clamp_(-127, 127).to(torch.int8)
-    return tri.to(torch.float16)
-
-
 def _compute_shards(cfg: BuildConfig, writer: CacheWriter, expert, plan: Plan, pending: list[int]) -> None:
     """Expert forward per batch on the device; finished shards are compressed and committed by a
     background thread (one writer, at most two shards in flight) while the next ones compute."""
@@ -228,7 +218,7 @@ def _compute_shards(cfg: BuildConfig, writer: CacheWriter, expert, plan: Plan, p
                         pin_memory=cfg.device.startswith("cuda"), persistent_workers=False)
     n = writer.num_tokens
     upper = torch.ones(n, n, dtype=torch.bool, device=cfg.device).triu()  # row-major = np.triu_indices order
-    tri_size = n * (n + 1) // 2
+    tri_size = triangle_size(n)
     rel_of_row = {}
     for rel, row in plan.index.items():
         rel_of_row.setdefault(row, rel)
@@ -253,7 +243,8 @@ def _compute_shards(cfg: BuildConfig, writer: CacheWriter, expert, plan: Plan, p
                     with torch.inference_mode():
                         e_v, e_a = expert.encode(pixels.to(cfg.device, non_blocking=True))
                         sim, attn = teacher_signals(e_v, e_a, cfg.grid, cfg.resample_order)
-                        tri = _encode_on_device(sim[:, upper], writer.sim_dtype)
+                        # encoded on the device: half the bytes to move, no CPU pass
+                        tri = encode_sim(sim[:, upper], writer.sim_dtype)
                     local = [r - buf.rows.start for r in good]
                     buf.sim[local] = tri.cpu().numpy()
                     buf.attn[local] = attn.float().cpu().numpy()

@@ -1,8 +1,10 @@
-"""``medalign-cache``: build, inspect, verify and visualise teacher caches."""
+"""``medalign-cache``: build, inspect, verify and visualise teacher caches.
+
+A :class:`~shared.errors.MedAlignError` ends a command with ``Error: ...`` and exit status 2
+(:class:`shared.cli.UserErrorGroup`); ``verify`` exits 1 when the cache fails its checks."""
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 import sys
@@ -10,30 +12,14 @@ from pathlib import Path
 
 import click
 
+from shared.cli import UserErrorGroup
 from shared.errors import MedAlignError
 from shared.grid import RESAMPLE_ORDERS
 
 
-def _friendly(fn):
-    """Turn user-facing errors into ``Error: ...`` and exit status 2 (no traceback)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MedAlignError as e:
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(2)
-    return wrapper
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Build and inspect MedAlign teacher caches (expert CLIP similarity + attention targets)."""
-
-
-def _expert_choice():
-    from teacher_cache.experts import list_experts
-    return click.Choice(list_experts())
 
 
 @main.command()
@@ -60,13 +46,12 @@ def _expert_choice():
               help="Encoding of the similarity triangle.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--num-workers", type=int, default=2, show_default=True, help="Image-decoding worker processes.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (bf16 on CUDA).")
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:K (bf16 on CUDA).")
 @click.option("--shard-size", type=int, default=256, show_default=True, help="Rows per shard file.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted build in --out.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images in the manifest and go on.")
 @click.option("--model-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="open_clip model config JSON for a UniMed-format checkpoint of a non-standard size.")
-@_friendly
 def build(expert, weights, data, image_root, grid, student, geometry, resample_order, out, storage, sim_dtype,
           batch_size, num_workers, device, shard_size, resume, skip_bad, model_config):
     """Run an expert CLIP once over the datasets and write the teacher cache."""
@@ -101,7 +86,6 @@ def _dir_size(path: Path) -> int:
 @main.command()
 @click.argument("cache", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead.")
-@_friendly
 def info(cache, as_json):
     """Describe a cache: provenance, encodings, rows, size on disk."""
     from shared.cache import open_cache
@@ -122,13 +106,12 @@ def info(cache, as_json):
 @click.option("--weights", type=click.Path(exists=True, path_type=Path), help="Expert weights (for --recompute).")
 @click.option("--image-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Image root of the datasets (for --recompute).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:K.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--model-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="open_clip model config JSON, as given to build.")
 @click.option("--tolerance", type=float, default=None,
               help="Max abs difference accepted by --recompute (default 2e-3 for float16, 6e-3 for int8).")
-@_friendly
 def verify(cache, recompute, weights, image_root, device, seed, model_config, tolerance):
     """Check shard checksums; optionally recompute rows with the expert."""
     from shared.cache import open_cache
@@ -172,7 +155,6 @@ def verify(cache, recompute, weights, image_root, device, seed, model_config, to
 @click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Figure file (.png).")
 @click.option("--patch", type=int, default=None, help="Patch whose similarity row to show (default: the most attended).")
-@_friendly
 def show(cache, image, out, patch):
     """Plot E_a over the image beside one patch's similarity row (paper Fig. 2c in spirit)."""
     from teacher_cache.show import plot_entry
@@ -187,7 +169,6 @@ def show(cache, image, out, patch):
               help="Build over these datasets instead of generated ones.")
 @click.option("--image-root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--grid", type=int, default=4, show_default=True, help="Student grid (the tiny demo student's is 4).")
-@_friendly
 def demo(out, images, data, image_root, grid):
     """Build a cache with a tiny random-weight expert (no downloads), over generated images by default."""
     from teacher_cache.demo import run_demo

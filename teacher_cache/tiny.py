@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from teacher_cache.experts import OPENAI_MEAN, OPENAI_STD, OPEN_CLIP_CONFIG, _build_visual, get_expert
+from teacher_cache.experts.checkpoint import OPEN_CLIP_CONFIG
+from teacher_cache.experts.registry import OPENAI_MEAN, OPENAI_STD, get_expert
+from teacher_cache.experts.towers import build_visual
 
 #: Tiny UniMed-style towers (open_clip model configs). 'b': 32 px / patch 8 -> 4x4 grid, width 64,
 #: 2 layers, 2 heads. 'l': 42 px / patch 7 -> 6x6 grid, width 96, 3 layers, 3 heads.
@@ -94,11 +96,11 @@ def _random_visual(model_cfg: dict, quick_gelu: bool, seed: int, fast: bool) -> 
     Full size (``fast=True``): fast init and no sharpening: sharpened attention through 12-24
     random blocks is chaotic (bf16 and fp32 runs then disagree), unlike a trained model."""
     if fast:
-        visual = _build_visual(model_cfg, quick_gelu=quick_gelu, meta=True)
+        visual = build_visual(model_cfg, quick_gelu=quick_gelu, meta=True)
         _random_init_fast(visual, seed)
     else:
         torch.manual_seed(seed)
-        visual = _build_visual(model_cfg, quick_gelu=quick_gelu)
+        visual = build_visual(model_cfg, quick_gelu=quick_gelu)
         _perturb(visual, seed)
         _sharpen_attention(visual)
     return visual

@@ -10,6 +10,7 @@ import torch
 from shared.cache import CacheReader
 from shared.errors import MedAlignError
 from shared.images import load_image, resolve_image_path
+from shared.runtime import resolve_device
 from teacher_cache.build import read_model_config
 from teacher_cache.experts import load_expert, weights_sha256
 from teacher_cache.signals import teacher_signals
@@ -20,6 +21,7 @@ def recompute_rows(reader: CacheReader, weights: Path, image_root: Path, rows: d
     """Max abs differences (sim, attn) between stored rows and a fresh fp32 expert run (with the cache's
     own geometry and resample order)."""
     m = reader.manifest
+    device = resolve_device(str(device))
     if weights_sha256(weights) != m.weights_sha256:
         raise MedAlignError(f"--weights {weights} are not the weights this cache was built with "
                             f"(sha256 {m.weights_sha256[:12]}...)")

@@ -13,20 +13,26 @@ readable; a build or ``--resume`` with the other order refuses to mix into them.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shared.errors import MedAlignError
-from shared.grid import LEGACY_RESAMPLE_ORDER, check_resample_order
+from shared.records import read_json
+from shared.cache.encoding import SIM_DTYPES
+from shared.grid import LEGACY_RESAMPLE_ORDER, check_resample_order, triangle_size
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.json"
 STORAGES = ("zarr", "hdf5")
-SIM_DTYPES = ("float16", "int8")
-INT8_SCALE = 127.0
+#: What makes two caches interchangeable for a student: :meth:`Manifest.identity` is these fields.
+IDENTITY_KEYS = ("expert", "weights_sha256", "grid", "geometry", "token_mode", "patch_grid", "resample_order",
+                 "sim_dtype")
+#: The part of the identity a build fixes before its expert runs, which another build into the same
+#: ``--out`` must share: all of it but ``patch_grid`` (known once the expert is loaded) and
+#: ``sim_dtype`` (the writer's own setting, recorded in its plan).
+BUILD_IDENTITY_KEYS = tuple(k for k in IDENTITY_KEYS if k not in ("patch_grid", "sim_dtype"))
 _ORDER_WORDS = {"norm-resample-norm": "L2-normalise, resample, L2-normalise again",
                 "resample-norm": "raw tokens resampled, then L2-normalised"}
 
@@ -38,7 +44,7 @@ class Manifest:
     Arrays (one row per unique image, rows grouped into shards of ``shard_size``):
     ``key`` sha256 hex of the image bytes ("" for a row whose image failed with --skip-bad);
     ``sim`` packed upper triangle of the N x N similarity matrix (``np.triu_indices(N)`` order),
-    float16, or int8 holding round(127 * s); ``attn`` the N-vector E_a, float32.
+    float16, or int8 holding round(127 * s) (:mod:`shared.cache.encoding`); ``attn`` the N-vector E_a, float32.
     """
 
     expert: str                      # registry name, e.g. "unimed-l"
@@ -80,10 +86,6 @@ class Manifest:
     def geometry(self) -> str:
         return str(self.preprocessing.get("geometry", ""))
 
-    @property
-    def sim_scale(self) -> float:
-        return INT8_SCALE if self.sim_dtype == "int8" else 1.0
-
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -117,18 +119,13 @@ class Manifest:
             hint = " (an unfinished build: rerun `medalign-cache build ... --resume`)" if (
                 Path(cache_dir) / ".progress").is_dir() else ""
             raise MedAlignError(f"{cache_dir}: not a MedAlign cache, no {MANIFEST_NAME}{hint}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise MedAlignError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
-        return cls.from_json(data, str(path))
+        return cls.from_json(read_json(path), str(path))
 
     def identity(self) -> dict[str, Any]:
-        """What makes two caches interchangeable for a student: expert, weights, geometry, grid, tokens,
-        resample order."""
-        return {"expert": self.expert, "weights_sha256": self.weights_sha256, "grid": self.grid,
-                "geometry": self.geometry, "token_mode": self.token_mode, "patch_grid": self.patch_grid,
-                "resample_order": self.resample_order, "sim_dtype": self.sim_dtype}
+        """What makes two caches interchangeable for a student (:data:`IDENTITY_KEYS`): expert, weights,
+        geometry, grid, tokens, patch grid, resample order, encoding. A copy of the cache elsewhere has
+        the same identity; :meth:`CacheReader.identity` adds where this copy is."""
+        return {key: getattr(self, key) for key in IDENTITY_KEYS}
 
     @property
     def resampled(self) -> bool:
@@ -146,7 +143,7 @@ class Manifest:
             f"(N = {self.num_tokens})",
             f"resampling    bilinear, features {self.resample_order} ({_ORDER_WORDS[self.resample_order]})"
             + ("" if self.resampled else " (no effect: the grids match, nothing was resampled)"),
-            f"encoding      sim {self.sim_dtype} packed triangle ({self.num_tokens * (self.num_tokens + 1) // 2} "
+            f"encoding      sim {self.sim_dtype} packed triangle ({triangle_size(self.num_tokens)} "
             f"values/row), attn float32, storage {self.storage}, {self.compression or 'compression not recorded'}",
             f"rows          {self.rows} in {len(self.shards)} shard(s) of up to {self.shard_size}",
             f"failures      {len(self.failures)}",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.cache.encoding import decode_sim
 from shared.cache.manifest import INDEX_NAME, MANIFEST_NAME, Manifest
 from shared.cache.storage import make_storage
 from shared.cache.writer import normalise_rel
@@ -86,17 +87,15 @@ class CacheReader:
         if not 0 <= row < self.manifest.rows:
             raise IndexError(f"row {row} out of range for a cache of {self.manifest.rows} rows")
         tri, attn = self._store().read(int(row))
-        sim = unpack_triangle(tri.astype(np.float32))
-        if self.manifest.sim_dtype == "int8":
-            sim /= self.manifest.sim_scale
-        return sim, np.asarray(attn, dtype=np.float32)
+        return unpack_triangle(decode_sim(tri, self.manifest.sim_dtype)), np.asarray(attn, dtype=np.float32)
 
     def get(self, rel_path: str, image_root: str | Path | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         row = self.lookup(rel_path, image_root)
         return None if row is None else self.read(row)
 
     def identity(self) -> dict:
-        """Who taught a run: JSON-able, saved with every training run."""
+        """Who taught a run, saved with every training run (JSON-able): :meth:`Manifest.identity`
+        (what makes caches interchangeable) plus this copy's storage format, path, manifest digest and rows."""
         digest = sha256_file(self.path / MANIFEST_NAME)
         return {**self.manifest.identity(), "format": self.manifest.storage, "path": str(self.path.resolve()),
                 "manifest_sha256": digest, "rows": self.manifest.rows}

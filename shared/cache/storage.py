@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.grid import triangle_size
 from shared.images import sha256_file
 
 STAGING = ".staging"
@@ -27,16 +28,20 @@ def _blosc(dtype: str):
     return BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle" if dtype == "int8" else "shuffle")
 
 
-class ZarrStorage:
-    """``CACHE/{key,sim,attn}/`` arrays in a Zarr v3 group with the sharding codec."""
-
-    name = "zarr"
-    compression = "blosc zstd level 3 (byte shuffle for float16/float32), one chunk per row"
+class _Layout:
+    """What both layouts are given: the cache directory, its rows, N, rows per shard, the sim encoding."""
 
     def __init__(self, root: str | Path, rows: int, num_tokens: int, shard_size: int, sim_dtype: str):
         self.root = Path(root)
         self.rows, self.n, self.shard_size, self.sim_dtype = rows, num_tokens, shard_size, sim_dtype
-        self.tri = num_tokens * (num_tokens + 1) // 2
+        self.tri = triangle_size(num_tokens)
+
+
+class ZarrStorage(_Layout):
+    """``CACHE/{key,sim,attn}/`` arrays in a Zarr v3 group with the sharding codec."""
+
+    name = "zarr"
+    compression = "blosc zstd level 3 (byte shuffle for float16/float32), one chunk per row"
 
     def _create_arrays(self, where: Path) -> dict:
         import zarr
@@ -93,13 +98,22 @@ class ZarrStorage:
         return _ZarrRows(group["key"], group["sim"], group["attn"])
 
 
+def _little_endian(bytes_codec: dict, dtype: str) -> bool:
+    """Whether a zarr ``bytes`` codec stores little-endian values; zarr writes no endian at all for
+    single-byte types (int8), where the byte order does not exist."""
+    endian = bytes_codec.get("configuration", {}).get("endian")
+    return endian == "little" or (endian is None and np.dtype(dtype).itemsize == 1)
+
+
 class _ShardFile:
     """Direct reads of one row from a sharded zarr array written by :class:`ZarrStorage`.
 
     zarr-python spends ~0.5 ms of asyncio machinery per read; a row is one ``pread`` of the shard
     index (cached) and one of the chunk, then blosc. Used only when the array's ``zarr.json`` has
     exactly the codec chain written here (sharding_indexed: bytes/little + blosc, index
-    bytes/little + crc32c at the end); anything else is read through zarr itself.
+    bytes/little + crc32c at the end); anything else is read through zarr itself. Its imports
+    (numcodecs' blosc, google_crc32c) are declared dependencies; tests/teacher_cache/test_build.py
+    pins it to zarr's own reads on every row of a built cache, float16 and int8.
     """
 
     def __init__(self, root: Path, shard_rows: int, width: int, dtype: str):
@@ -116,7 +130,7 @@ class _ShardFile:
             cfg = codec["configuration"]
             ok = (codec["name"] == "sharding_indexed" and cfg["index_location"] == "end"
                   and [c["name"] for c in cfg["codecs"]] == ["bytes", "blosc"]
-                  and cfg["codecs"][0]["configuration"]["endian"] == "little"
+                  and _little_endian(cfg["codecs"][0], meta["data_type"])
                   and [c["name"] for c in cfg["index_codecs"]] == ["bytes", "crc32c"]
                   and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
                   and len(meta["shape"]) == 2 and cfg["chunk_shape"] == [1, meta["shape"][1]]
@@ -188,16 +202,11 @@ class _ZarrRows:
                 arr.close()
 
 
-class Hdf5Storage:
+class Hdf5Storage(_Layout):
     """``CACHE/shards/shard-NNNNN.h5``, each holding ``key``, ``sim``, ``attn`` for its rows."""
 
     name = "hdf5"
     compression = "gzip level 4 with shuffle, one chunk per row"
-
-    def __init__(self, root: str | Path, rows: int, num_tokens: int, shard_size: int, sim_dtype: str):
-        self.root = Path(root)
-        self.rows, self.n, self.shard_size, self.sim_dtype = rows, num_tokens, shard_size, sim_dtype
-        self.tri = num_tokens * (num_tokens + 1) // 2
 
     @staticmethod
     def shard_name(index: int) -> str:

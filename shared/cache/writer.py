@@ -18,35 +18,20 @@ from typing import Any
 
 import numpy as np
 
-from shared.cache.manifest import INDEX_NAME, INT8_SCALE, MANIFEST_NAME, STORAGES, SIM_DTYPES, Manifest
+from shared.cache.encoding import SIM_DTYPES, encode_sim
+from shared.cache.manifest import BUILD_IDENTITY_KEYS, INDEX_NAME, MANIFEST_NAME, STORAGES, Manifest
 from shared.cache.storage import STAGING, make_storage
 from shared.errors import MedAlignError
 from shared.fileio import atomic_write_json
-from shared.grid import LEGACY_RESAMPLE_ORDER, pack_triangle
+from shared.grid import LEGACY_RESAMPLE_ORDER, pack_triangle, triangle_size
 
 PROGRESS = ".progress"
 DEFAULT_SHARD_SIZE = 256
-#: Keys of the identity that another build into the same --out must share.
-IDENTITY_KEYS = ("expert", "weights_sha256", "grid", "geometry", "token_mode", "resample_order")
 
 
 def normalise_rel(path: str) -> str:
     """Dataset-relative image paths as index keys: posix separators, no ``./`` or ``a/../``."""
     return posixpath.normpath(str(path).replace("\\", "/"))
-
-
-def quantise_sim(tri: np.ndarray, dtype: str) -> np.ndarray:
-    """Triangle values in [-1, 1] -> stored encoding (float16, or int8 = round(127 s)).
-
-    Values already in the stored dtype (encoded on the device by the build) pass through.
-    """
-    if tri.dtype == np.dtype(dtype):
-        return tri
-    if dtype == "float16":
-        return tri.astype(np.float16)
-    if dtype == "int8":
-        return np.clip(np.rint(tri * INT8_SCALE), -127, 127).astype(np.int8)
-    raise MedAlignError(f"unknown sim dtype {dtype!r}; expected one of {SIM_DTYPES}")
 
 
 def _version() -> str:
@@ -60,8 +45,8 @@ def _version() -> str:
 class CacheWriter:
     """Creates (or resumes) a cache in ``out``.
 
-    ``identity`` is the dict of :data:`IDENTITY_KEYS` (plus anything else that must match on
-    resume); ``keys`` is the sha256 of each row's image in row order; ``index`` maps every
+    ``identity`` is the dict of :data:`~shared.cache.manifest.BUILD_IDENTITY_KEYS` (plus anything else
+    that must match on resume); ``keys`` is the sha256 of each row's image in row order; ``index`` maps every
     dataset-relative path to its row.
     """
 
@@ -74,7 +59,7 @@ class CacheWriter:
             raise MedAlignError(f"unknown --dtype {sim_dtype!r}; choose one of {', '.join(SIM_DTYPES)}")
         if shard_size < 1:
             raise MedAlignError("shard size must be >= 1")
-        missing = [k for k in IDENTITY_KEYS if k not in identity]
+        missing = [k for k in BUILD_IDENTITY_KEYS if k not in identity]
         if missing:
             raise ValueError(f"CacheWriter identity lacks {missing}")
         self.out = Path(out)
@@ -95,7 +80,7 @@ class CacheWriter:
             existing = Manifest.load(self.out)
             ours = self.plan["identity"]
             theirs = existing.identity()
-            diff = {k: (theirs.get(k), ours.get(k)) for k in IDENTITY_KEYS if theirs.get(k) != ours.get(k)}
+            diff = {k: (theirs.get(k), ours.get(k)) for k in BUILD_IDENTITY_KEYS if theirs.get(k) != ours.get(k)}
             if not existing.resampled:  # g == G: nothing was resampled, both orders give the same arrays
                 diff.pop("resample_order", None)
             if diff:
@@ -156,17 +141,17 @@ class CacheWriter:
     def write_shard(self, shard: int, sim: np.ndarray, attn: np.ndarray,
                     failures: list[dict[str, str]] | None = None, failed_rows: set[int] | None = None) -> None:
         """Commit one shard. ``sim`` is (rows, N, N) full matrices or (rows, T) packed triangles, as floats
-        or already in the stored encoding."""
+        (encoded here) or already in the stored encoding (the build encodes on its device)."""
         rows = self.shard_rows(shard)
         if sim.ndim == 3:
             sim = pack_triangle(sim)
-        if sim.shape != (len(rows), self.num_tokens * (self.num_tokens + 1) // 2) or attn.shape != (len(rows), self.num_tokens):
+        if sim.shape != (len(rows), triangle_size(self.num_tokens)) or attn.shape != (len(rows), self.num_tokens):
             raise ValueError(f"shard {shard}: got sim {sim.shape}, attn {attn.shape} for {len(rows)} rows")
         keys = [("" if failed_rows and r in failed_rows else self.keys[r]) for r in rows]
         sim = np.asarray(sim)
         if sim.dtype not in (np.float16, np.int8):
             sim = sim.astype(np.float32, copy=False)
-        files = self.storage.write_shard(shard, rows.start, keys, quantise_sim(sim, self.sim_dtype),
+        files = self.storage.write_shard(shard, rows.start, keys, encode_sim(sim, self.sim_dtype),
                                          np.asarray(attn, np.float32))
         atomic_write_json(self._marker(shard), {"index": shard, "start": rows.start, "stop": rows.stop,
                                                 "files": files, "failures": failures or []})

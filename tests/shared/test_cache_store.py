@@ -58,6 +58,26 @@ def test_roundtrip_all_formats(tmp_path, fmt, dtype, tol):
     assert reader.get("not/there.png") is None
 
 
+def test_sim_encoding_is_one_definition_for_numpy_and_torch():
+    """The build encodes on its device (torch), write_cache in numpy: the same stored values."""
+    import torch
+    from shared.cache.encoding import decode_sim, encode_sim
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.uniform(-1.2, 1.2, 5000), (np.arange(-127, 128) + 0.5) / 127.0,
+                             [-1.0, 0.0, 1.0, 0.5 / 127, -0.5 / 127]]).astype(np.float32)
+    for dtype in ("float16", "int8"):
+        from_numpy = encode_sim(values, dtype)
+        from_torch = encode_sim(torch.from_numpy(values), dtype).numpy()
+        assert from_numpy.dtype == from_torch.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(from_numpy, from_torch)
+        assert encode_sim(from_numpy, dtype) is from_numpy  # already encoded: passes through
+    stored = encode_sim(values, "int8")
+    assert stored.min() == -127 and stored.max() == 127
+    np.testing.assert_array_equal(decode_sim(stored, "int8"), stored.astype(np.float32) / np.float32(127.0))
+    with pytest.raises(MedAlignError, match="sim dtype"):
+        encode_sim(values, "bfloat16")
+
+
 def test_lookup_by_content_after_rename(tmp_path):
     img = tmp_path / "images" / "renamed.png"
     img.parent.mkdir()

@@ -76,6 +76,33 @@ def test_build_matches_direct_expert_run_and_dedupes(tiny, tmp_path):
         np.testing.assert_allclose(c_attn, attn[0].numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("sim_dtype", ["float16", "int8"])
+def test_direct_shard_reader_equals_zarr_on_every_row_of_a_built_cache(tiny, tmp_path, sim_dtype):
+    """The reader's pread fast path (shared.cache.storage._ShardFile) returns exactly zarr-python's
+    own reads, on every row of a cache the build wrote, in both encodings, a partial shard included."""
+    import zarr
+    from shared.cache.encoding import decode_sim
+    from shared.cache.storage import _ShardFile
+    from shared.grid import unpack_triangle
+    args = _args(tiny, tmp_path / "c", "--dtype", sim_dtype)
+    args[args.index("--shard-size") + 1] = "5"  # 12 rows: shards of 5, 5 and 2
+    _run(args)
+    reader = open_cache(tmp_path / "c")
+    store = reader._store()
+    assert isinstance(store.sim, _ShardFile) and isinstance(store.attn, _ShardFile)
+    group = zarr.open_group(str(tmp_path / "c"), mode="r")
+    zarr_sim, zarr_attn = group["sim"][:], group["attn"][:]
+    assert len(reader) == 12 and len(reader.manifest.shards) == 3 and zarr_sim.dtype == np.dtype(sim_dtype)
+    for row in range(len(reader)):
+        fast_sim, fast_attn = store.read(row)
+        assert fast_sim.dtype == zarr_sim.dtype and fast_attn.dtype == zarr_attn.dtype
+        np.testing.assert_array_equal(fast_sim, zarr_sim[row])
+        np.testing.assert_array_equal(fast_attn, zarr_attn[row])
+        sim, attn = reader.read(row)
+        np.testing.assert_array_equal(sim, unpack_triangle(decode_sim(zarr_sim[row], sim_dtype)))
+        np.testing.assert_array_equal(attn, zarr_attn[row])
+
+
 def test_batch_size_does_not_change_results(tiny, tmp_path):
     _run(_args(tiny, tmp_path / "b1", "--batch-size", "1"))
     _run(_args(tiny, tmp_path / "b4", "--batch-size", "4"))

@@ -266,7 +266,7 @@ def test_bf16_weights_cast(unimed_b):
     cos = torch.nn.functional.cosine_similarity(v16, v32, dim=-1)
     assert cos.min() > 0.99
     assert (a16 - a32).abs().max() < 0.1 * a32.max()
-    assert load_expert("unimed-b", path, model_cfg=cfg, dtype="fp16").dtype == torch.float16
+    assert load_expert("unimed-b", path, model_cfg=cfg, dtype="float16").dtype == torch.float16
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,10 +376,10 @@ def test_preprocess_geometry_and_pixel_check(unimed_b):
         pad.encode(torch.zeros(1, 3, 30, 30))
     from PIL import Image
     img = Image.new("RGB", (50, 20), (200, 30, 30))
-    e_v, e_a = pad.encode_images([img, img])
+    pixels = torch.from_numpy(pad.preprocess(img))
+    e_v, e_a = pad.encode(torch.stack([pixels, pixels]))  # as the build batches preprocessed images
     assert e_v.shape == (2, 16, 64) and torch.equal(e_v[0], e_v[1])
-    info = pad.info()
-    assert info["name"] == "unimed-b" and info["layer"] == 1 and info["grid"] == 4
+    assert pad.spec.name == "unimed-b" and pad.layer == 1 and pad.grid == 4
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,56 @@
+"""How similarity values are stored: float16, or int8 holding round(127 s) clamped to [-127, 127].
+
+The one definition of the stored encoding: the build encodes on its device (torch tensors), the
+writer encodes what tests and tools hand it (numpy arrays), the reader decodes, all through here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.errors import MedAlignError
+
+SIM_DTYPES = ("float16", "int8")
+INT8_SCALE = 127.0
+_INT8_MAX = 127
+
+
+def check_sim_dtype(sim_dtype: str, what: str = "sim dtype") -> str:
+    """``sim_dtype`` itself when it is one of :data:`SIM_DTYPES`, else a :class:`MedAlignError`."""
+    if sim_dtype not in SIM_DTYPES:
+        raise MedAlignError(f"unknown {what} {sim_dtype!r}; expected one of {SIM_DTYPES}")
+    return sim_dtype
+
+
+def encode_sim(tri, sim_dtype: str):
+    """Similarity values (cosines in [-1, 1]) -> the stored encoding, computed in float32.
+
+    ``tri`` is a numpy array (returned as one) or a torch tensor (returned as one, on its device).
+    Values already in the stored dtype pass through untouched.
+    """
+    check_sim_dtype(sim_dtype)
+    if isinstance(tri, np.ndarray):
+        if tri.dtype == np.dtype(sim_dtype):
+            return tri
+        if sim_dtype == "float16":
+            return tri.astype(np.float16)
+        scaled = np.rint(tri.astype(np.float32, copy=False) * np.float32(INT8_SCALE))
+        return np.clip(scaled, -_INT8_MAX, _INT8_MAX).astype(np.int8)
+    import torch
+
+    if tri.dtype == getattr(torch, sim_dtype):
+        return tri
+    if sim_dtype == "float16":
+        return tri.to(torch.float16)
+    return torch.round(tri.float() * INT8_SCALE).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+
+
+def decode_sim(stored: np.ndarray, sim_dtype: str) -> np.ndarray:
+    """The stored encoding -> float32 similarity values (int8 divided by 127)."""
+    values = np.asarray(stored).astype(np.float32)
+    if check_sim_dtype(sim_dtype) == "int8":
+        values /= INT8_SCALE
+    return values
+
+
+__all__ = ["INT8_SCALE", "SIM_DTYPES", "check_sim_dtype", "decode_sim", "encode_sim"]
