@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 from train_helpers import write_images, write_records, write_teacher_cache
 
 from student_train import cli
-from student_train.recipe import cosine_with_warmup, find_checkpoint, rng_state, set_rng_state
+from student_train.checkpoint import find_checkpoint
+from student_train.recipe import cosine_with_warmup
+from student_train.rng import rng_state, set_rng_state
 
 
 @pytest.fixture(scope="module")
