@@ -40,17 +40,6 @@ from student_train.rng import seed_everything
 from student_train.train_log import LOG_NAMES, StepLog, log
 
 
-def cosine_with_warmup(warmup: int, total: int):
-    """LR multiplier of transformers' ``get_cosine_schedule_with_warmup`` (what the reference's
-    HF Trainer uses): linear from 0 over ``warmup`` steps, then half a cosine down to 0 at ``total``."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return f
-
-
 class Recipe:
     """Train one student. ``run()`` = ``setup() -> train() -> save_final() -> cleanup()``."""
 
@@ -117,13 +106,13 @@ class Recipe:
         self.sampler = RankSampler(len(self.dataset), rank=self.dist.rank, world_size=self.dist.world_size,
                                    seed=cfg.run.seed)
         bs, ga = cfg.optim.batch_size, cfg.optim.grad_accum
-        self.micro_per_epoch = -(-self.sampler.per_rank // bs)
+        self.micro_per_epoch = -(-self.sampler.num_samples // bs)
         self.steps_per_epoch = -(-self.micro_per_epoch // ga)
         self.total_steps = cfg.optim.max_steps or math.ceil(cfg.optim.epochs * self.steps_per_epoch)
 
     def _loader(self, epoch: int, step_in_epoch: int):
         bs, ga = self.cfg.optim.batch_size, self.cfg.optim.grad_accum
-        self.sampler.set_epoch(epoch, skip=min(step_in_epoch * ga * bs, self.sampler.per_rank))
+        self.sampler.set_epoch(epoch, skip=min(step_in_epoch * ga * bs, self.sampler.num_samples))
         # The loader draws its worker seed from its own generator, never from the global RNG
         # (which drives dropout), so a resumed run sees the same random stream.
         return torch.utils.data.DataLoader(
@@ -132,13 +121,16 @@ class Recipe:
             generator=torch.Generator().manual_seed(self.cfg.run.seed))
 
     def _setup_optimizer(self) -> None:
+        from transformers import get_cosine_schedule_with_warmup
+
         from student_train.model import param_groups
 
         o = self.cfg.optim
         groups = param_groups(self.model, o.lr, o.projector_lr)
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
-        warmup = math.ceil(o.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(warmup, self.total_steps))
+        # what the reference's HF Trainer uses: linear warmup from 0, then half a cosine down to 0
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, math.ceil(o.warmup_ratio * self.total_steps), self.total_steps)
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def _create_run_dir(self) -> None:
