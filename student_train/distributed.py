@@ -31,12 +31,19 @@ class Dist:
         if self.enabled:
             torch.distributed.barrier()
 
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` summed over the ranks (a new tensor; ``t`` is left as it is)."""
+    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
         t = t.clone()
         if self.enabled:
-            torch.distributed.all_reduce(t)
+            torch.distributed.all_reduce(t, op=op)
         return t
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks (a new tensor; ``t`` is left as it is)."""
+        return self._reduce(t, torch.distributed.ReduceOp.SUM)
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        """The element-wise maximum of ``t`` over the ranks (a new tensor)."""
+        return self._reduce(t, torch.distributed.ReduceOp.MAX)
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` averaged over the ranks (a new tensor)."""

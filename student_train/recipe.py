@@ -14,7 +14,8 @@ before the model is loaded or ``RUN_DIR`` is created. ``RUN_DIR`` then holds::
     teacher.json                                     the cache identity (who taught the run), or null
     data_stats.json                                  records used / skipped as too long / without teacher
     train_log.jsonl                                  one line per optimizer step (rank 0)
-    tb/                                              TensorBoard: loss, lm_loss, vis_loss, att_loss, lr, samples_per_s
+    tb/                                              TensorBoard: loss, lm_loss, vis_loss, att_loss, lr,
+                                                     grad_norm, samples_per_s, peak_mem_mib
     checkpoints/step-XXXXXXXX/                       the latest checkpoint(s), written atomically
 
 The adapter and W in the run root are written when the run completes.
@@ -37,7 +38,7 @@ from student_train.data import Collator, RankSampler, TrainDataset
 from student_train.distributed import destroy_distributed, init_distributed
 from student_train.plan import Plan, plan_run
 from student_train.rng import seed_everything
-from student_train.train_log import LOG_NAMES, StepLog, log
+from student_train.train_log import LOG_NAMES, StepLog, log, peak_memory_mib
 
 
 class Recipe:
@@ -195,8 +196,11 @@ class Recipe:
             sums[-2] += len(batch["input_ids"])
             if "teacher_mask" in batch:
                 sums[-1] += int((~batch["teacher_mask"]).sum())
+        params = [p for _, p in self.trainable]
         if cfg.optim.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable], cfg.optim.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)  # the norm before clipping
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         lrs = [g["lr"] for g in self.optimizer.param_groups]  # the rates this step used
         self.optimizer.step()
         self.scheduler.step()
@@ -204,7 +208,10 @@ class Recipe:
         counts = self.dist.sum(sums[-2:])
         samples = int(counts[0])
         means = self.dist.mean(sums[: len(LOG_NAMES)]).tolist()
-        record = {"step": step, "epoch": epoch, **dict(zip(LOG_NAMES, means)), "lr": lrs[0], "samples_per_s": samples / max(time.perf_counter() - t0, 1e-9), "samples": samples}
+        peak = self.dist.max(torch.tensor([peak_memory_mib(self.device)], device=self.device))
+        record = {"step": step, "epoch": epoch, **dict(zip(LOG_NAMES, means)), "lr": lrs[0],
+                  "grad_norm": float(grad_norm), "samples_per_s": samples / max(time.perf_counter() - t0, 1e-9),
+                  "peak_mem_mib": float(peak[0]), "samples": samples}
         if self.plan.teacher:
             record["no_teacher"] = int(counts[1])
         if len(lrs) > 1:

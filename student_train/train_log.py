@@ -1,6 +1,11 @@
 """What training tells the user: console lines, ``train_log.jsonl`` (one record per optimizer step),
 TensorBoard scalars under ``tb/`` and the progress bar. Only rank 0 writes.
 
+A record holds the step, epoch, the loss terms, the learning rate(s), ``grad_norm`` (the total norm
+of the trainable gradients before clipping), ``samples_per_s``, ``peak_mem_mib`` (the largest
+:func:`peak_memory_mib` over the ranks) and the sample counts; every number but step, epoch and
+samples is also a TensorBoard scalar.
+
 On resume the log lines past the checkpoint (steps that will be redone) are dropped and TensorBoard
 purges the same steps, so a resumed run's log reads like an uninterrupted one.
 """
@@ -8,7 +13,11 @@ purges the same steps, so a resumed run's log reads like an uninterrupted one.
 from __future__ import annotations
 
 import json
+import resource
+import sys
 from pathlib import Path
+
+import torch
 
 #: The loss terms of every record (:func:`student_train.model.compute_losses`).
 LOG_NAMES = ("loss", "lm_loss", "vis_loss", "att_loss")
@@ -20,6 +29,14 @@ def log(msg: str, rank: int = 0) -> None:
     if rank == 0:
         from tqdm import tqdm
         tqdm.write(msg)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory so far in MiB: CUDA memory allocated on ``device``, else peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 class StepLog:
@@ -53,7 +70,8 @@ class StepLog:
         if step % self.log_every == 0:
             terms = " ".join(f"{k} {record[k]:.4f}" for k in LOG_NAMES)
             log(f"step {step}/{self.total_steps} epoch {record['epoch']} {terms} lr {record['lr']:.3e} "
-                f"{record['samples_per_s']:.2f} samples/s")
+                f"grad_norm {record['grad_norm']:.4f} {record['samples_per_s']:.2f} samples/s "
+                f"peak {record['peak_mem_mib']:.0f} MiB")
 
     def close(self) -> None:
         self.pbar.close()

@@ -87,6 +87,7 @@ def test_end_to_end_artefacts(setup, tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"loss", "lm_loss", "vis_loss", "att_loss", "lr", "samples_per_s"} <= tags
+    assert {"grad_norm", "peak_mem_mib"} <= tags and all(r["grad_norm"] > 0 and r["peak_mem_mib"] > 0 for r in log)
     assert [e.value for e in acc.Scalars("lm_loss")] == pytest.approx([r["lm_loss"] for r in log])
     # atomic checkpoints: only the latest kept, nothing temporary left
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]
