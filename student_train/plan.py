@@ -67,13 +67,15 @@ def _teacher_identity(cfg: TrainConfig, n_tokens: int) -> dict | None:
     return reader.identity()
 
 
-def plan_run(cfg: TrainConfig) -> Plan:
-    """Validate the model directory, layer, cache, data and RUN_DIR, in that order; load nothing big."""
+def plan_run(cfg: TrainConfig, world_size: int = 1) -> Plan:
+    """Validate the batch arithmetic for ``world_size`` processes, the model directory, layer, cache,
+    data and RUN_DIR, in that order; load nothing big. ``Plan.cfg`` has ``grad_accum`` resolved."""
     from transformers import AutoTokenizer
 
     from student_train.alignment import check_layer
     from student_train.model import num_image_tokens, num_layers, read_llava_config
 
+    cfg = cfg.for_world(world_size)
     llava_config = read_llava_config(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code, what="--model")
     check_layer(cfg.align.align_layer, num_layers(llava_config))
     n_tokens = num_image_tokens(llava_config)

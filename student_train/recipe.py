@@ -53,9 +53,9 @@ class Recipe:
 
     # ---- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
-        cfg = self.cfg
-        self.dist, self.device = init_distributed(cfg.run.device)
-        self.plan = plan = plan_run(cfg)  # raises before anything is loaded or written
+        self.dist, self.device = init_distributed(self.cfg.run.device)
+        self.plan = plan = plan_run(self.cfg, self.dist.world_size)  # raises before anything is loaded or written
+        self.cfg = cfg = plan.cfg  # grad_accum resolved for this world size
         self.dist.barrier()
         self._load_model()
         self._setup_data()
