@@ -2,8 +2,9 @@
 
 One process per device (:mod:`student_train.distributed`). Under ``torchrun --nproc-per-node K``
 every rank builds the same validated sample list, reads its own slice of each epoch's order
-(:class:`~student_train.data.RankSampler`), opens the teacher cache itself (lazily, per DataLoader
-worker), and the gradients are averaged by ``DistributedDataParallel`` (gloo on CPU, nccl on GPU).
+(:class:`~student_train.data.RankSampler`: torch's DistributedSampler plus the resume offset),
+opens the teacher cache itself (lazily, per DataLoader worker), and the gradients are averaged by
+``DistributedDataParallel`` (gloo on CPU, nccl on GPU).
 
 Everything that can be wrong with the inputs is checked by :func:`~student_train.plan.plan_run`
 before the model is loaded or ``RUN_DIR`` is created. ``RUN_DIR`` then holds::
