@@ -21,6 +21,9 @@ from shared.runtime import check_device_flag
 ATT_NORMS = ("l2", "sum", "softmax")
 DEFAULT_ATT_NORM = ATT_NORMS[0]
 
+#: Micro-batches per optimizer step when neither --grad-accum nor --global-batch-size is given.
+DEFAULT_GRAD_ACCUM = 8
+
 #: Field metadata of the settings without a usable default (the CLI shows them as [required]).
 REQUIRED = {"required": True}
 
@@ -161,8 +164,11 @@ class OptimArgs:
     """Total optimizer steps (overrides epochs)."""
     batch_size: int = 1
     """Samples per device per micro-batch."""
-    grad_accum: int = 8
-    """Micro-batches accumulated per optimizer step."""
+    grad_accum: int | None = None
+    """Micro-batches accumulated per optimizer step (default 8; with --global-batch-size: derived)."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all processes, instead of --grad-accum: grad-accum becomes
+    N / (batch-size x processes), so the effective batch stays the same on any number of GPUs."""
 
     def __post_init__(self):
         _positive("--lr", self.lr)
@@ -175,6 +181,27 @@ class OptimArgs:
         _positive("--max-steps", self.max_steps)
         _positive("--batch-size", self.batch_size)
         _positive("--grad-accum", self.grad_accum)
+        _positive("--global-batch-size", self.global_batch_size)
+        if self.grad_accum is None and self.global_batch_size is None:
+            self.grad_accum = DEFAULT_GRAD_ACCUM
+
+    def for_world(self, world_size: int) -> "OptimArgs":
+        """These settings with ``grad_accum`` derived from ``global_batch_size`` for ``world_size``
+        processes (an error when it does not divide, or disagrees with an explicit --grad-accum)."""
+        if self.global_batch_size is None:
+            return self
+        per_step = self.batch_size * world_size
+        ga, rest = divmod(self.global_batch_size, per_step)
+        if rest:
+            raise MedAlignError(
+                f"--global-batch-size {self.global_batch_size} is not a multiple of --batch-size "
+                f"{self.batch_size} x {world_size} process(es) = {per_step}")
+        if self.grad_accum is not None and self.grad_accum != ga:
+            raise MedAlignError(
+                f"--grad-accum {self.grad_accum} and --global-batch-size {self.global_batch_size} disagree: "
+                f"{self.global_batch_size} / (--batch-size {self.batch_size} x {world_size} process(es)) = {ga}; "
+                "give one of them")
+        return dataclasses.replace(self, grad_accum=ga)
 
 
 @dataclass
@@ -212,8 +239,9 @@ GROUPS = {"data": DataArgs, "model": ModelArgs, "lora": LoraArgs, "align": Align
           "run": RunArgs}
 
 #: Keys that may differ between a run and its resumption (they do not change what is learned).
+#: (``global_batch_size`` only says how ``grad_accum`` was chosen; the resolved value is compared.)
 RESUMABLE_CHANGES = {"resume", "stop_after", "num_workers", "log_every", "save_every", "keep_checkpoints",
-                     "device", "out"}
+                     "device", "out", "global_batch_size"}
 
 
 def flat_keys() -> dict[str, str]:
@@ -264,6 +292,10 @@ class TrainConfig:
 
     def flat(self) -> dict[str, Any]:
         return {k: v for g in GROUPS for k, v in dataclasses.asdict(getattr(self, g)).items()}
+
+    def for_world(self, world_size: int) -> "TrainConfig":
+        """The configuration as run by ``world_size`` processes (:meth:`OptimArgs.for_world`)."""
+        return dataclasses.replace(self, optim=self.optim.for_world(world_size))
 
     @property
     def out(self) -> Path:

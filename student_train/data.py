@@ -22,6 +22,7 @@ teacher cache is opened lazily in whichever process reads it (one reader per Dat
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,39 +259,25 @@ class Collator:
         return collate(items, self.pad_id)
 
 
-class RankSampler(torch.utils.data.Sampler[int]):
-    """Deterministic per-epoch order, sliced per rank (DistributedSampler semantics) with a start offset.
+class RankSampler(torch.utils.data.DistributedSampler):
+    """torch's :class:`~torch.utils.data.DistributedSampler` over ``range(n)`` that can start part-way
+    into this rank's slice of an epoch (resuming mid-epoch).
 
-    Epoch ``e`` shuffles ``range(n)`` with seed ``seed + e``; the order is padded by wrapping around
-    to a multiple of ``world_size`` (every rank gets the same number of samples, so no rank waits on
-    another) and rank ``r`` takes positions ``r, r + W, ...``. ``skip`` drops the first indices of
-    this rank's slice (resuming mid-epoch).
+    Epoch ``e`` shuffles with seed ``seed + e``, the order is padded by wrapping around to a multiple
+    of ``world_size`` (every rank gets the same number of samples, so no rank waits on another) and
+    rank ``r`` takes positions ``r, r + W, ...``. ``skip`` drops the first indices of this rank's slice.
     """
 
     def __init__(self, n: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
-        self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
-        self.epoch, self.skip = 0, 0
+        super().__init__(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        self.skip = 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-
-    @property
-    def per_rank(self) -> int:
-        return -(-self.n // self.world_size)
-
-    def order(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        total = self.per_rank * self.world_size
-        while len(order) < total:
-            order += order[: total - len(order)]
-        return order[self.rank:total:self.world_size]
+        super().set_epoch(epoch)
+        self.skip = skip
 
     def __iter__(self):
-        return iter(self.order()[self.skip:])
+        return itertools.islice(super().__iter__(), self.skip, None)
 
     def __len__(self) -> int:
-        return self.per_rank - self.skip
+        return self.num_samples - self.skip

@@ -3,7 +3,8 @@
 Public API (used by the training recipe and by evaluation):
 
 * The settings are the typed groups of :mod:`student_train.config` (``LoraArgs``, ``AlignArgs``).
-* :func:`load_student` -> ``(model, tokenizer)``; :func:`num_image_tokens`; :func:`num_layers`.
+* :func:`read_llava_config` (is this a LLaVA student directory?); :func:`load_student` ->
+  ``(model, tokenizer)``; :func:`num_image_tokens`; :func:`num_layers`.
 * :func:`prepare_student`: LoRA on the language model's linear layers only, the projector trainable
   iff asked (saved with the adapter through PEFT's ``modules_to_save``), the rotation ``W`` and the
   attention capture installed (only what the loss weights need), everything else frozen.
@@ -44,25 +45,28 @@ ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # --------------------------------------------------------------------------- loading
 
 
-def _check_llava_dir(model_dir: Path, trust_remote_code: bool):
+def read_llava_config(model_dir: str | Path, *, trust_remote_code: bool = False, what: str = "model directory"):
+    """The ``LlavaConfig`` of ``model_dir``, or a :class:`MedAlignError` saying why it is not an
+    HF-format LLaVA student directory (``what`` names it in the message, e.g. ``--model``)."""
     from transformers import AutoConfig, LlavaConfig
 
+    model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise MedAlignError(f"model directory {model_dir} does not exist")
+        raise MedAlignError(f"{what} {model_dir} does not exist")
     if not (model_dir / "config.json").is_file():
-        raise MedAlignError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+        raise MedAlignError(f"{what} {model_dir} is not a Hugging Face model directory (no config.json)")
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - any load failure is a user-facing problem here
-        raise MedAlignError(f"cannot read the model config in {model_dir}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a config that cannot be read is a user-facing problem
+        hint = "" if trust_remote_code else " (custom code needs --trust-remote-code)"
+        raise MedAlignError(f"cannot read the model config in {model_dir}: {e}{hint}") from None
     if not isinstance(config, LlavaConfig):
         raise MedAlignError(
-            f"{model_dir} is not a LLaVA model (model_type {getattr(config, 'model_type', None)!r}); "
-            "a student must be an HF-format LlavaForConditionalGeneration checkpoint (model_type 'llava')"
-        )
+            f"{what} {model_dir} is not a LLaVA model (model_type {getattr(config, 'model_type', None)!r}); "
+            "a student must be an HF-format LlavaForConditionalGeneration directory (model_type 'llava')")
     if not any((model_dir / name).is_file() for name in MODEL_WEIGHT_FILES):
-        raise MedAlignError(f"{model_dir} has a config.json but no weights (none of {', '.join(MODEL_WEIGHT_FILES)}); "
-                            "is the download or conversion complete?")
+        raise MedAlignError(f"{what} {model_dir} has a config.json but no weights (none of "
+                            f"{', '.join(MODEL_WEIGHT_FILES)}); is the download or conversion complete?")
     return config
 
 
@@ -92,7 +96,7 @@ def load_student(
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     model_dir = Path(model_dir)
-    _check_llava_dir(model_dir, trust_remote_code)
+    read_llava_config(model_dir, trust_remote_code=trust_remote_code)
     model = LlavaForConditionalGeneration.from_pretrained(
         model_dir,
         dtype=dtype,

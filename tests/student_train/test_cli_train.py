@@ -87,6 +87,7 @@ def test_end_to_end_artefacts(setup, tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"loss", "lm_loss", "vis_loss", "att_loss", "lr", "samples_per_s"} <= tags
+    assert {"grad_norm", "peak_mem_mib"} <= tags and all(r["grad_norm"] > 0 and r["peak_mem_mib"] > 0 for r in log)
     assert [e.value for e in acc.Scalars("lm_loss")] == pytest.approx([r["lm_loss"] for r in log])
     # atomic checkpoints: only the latest kept, nothing temporary left
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]
@@ -268,6 +269,10 @@ BAD_CASES = {
     "epochs_nan": (lambda s: None, ["--epochs", "nan"], ["--epochs must be a finite number, got nan"]),
     "clip_nan": (lambda s: None, ["--max-grad-norm", "nan"], ["--max-grad-norm must be a finite number"]),
     "beta_inf": (lambda s: None, ["--beta", "inf"], ["--beta must be a finite number, got inf"]),
+    "global_batch_disagrees": (lambda s: None, ["--global-batch-size", "8"],
+                               ["--grad-accum 2 and --global-batch-size 8 disagree", "x 1 process(es)) = 4"]),
+    "global_batch_indivisible": (lambda s: None, ["--global-batch-size", "3"],
+                                 ["--global-batch-size 3 is not a multiple of --batch-size 2 x 1 process(es)"]),
 }
 
 
@@ -284,3 +289,29 @@ def test_existing_run_dir_needs_resume(setup, tmp_path):
     res = CliRunner().invoke(cli.main, base_args(setup, out, "--max-steps", "1"))
     assert res.exit_code == 2 and "already exists and is not empty; pass --resume" in res.output
     assert sorted(p.name for p in out.iterdir()) == ["something"]
+
+
+def test_global_batch_size_sets_grad_accum_for_the_world_size():
+    from shared.errors import MedAlignError
+    from student_train.config import OptimArgs
+    assert OptimArgs().grad_accum == 8
+    o = OptimArgs(global_batch_size=32, batch_size=2)
+    assert o.grad_accum is None  # derived once the number of processes is known
+    assert o.for_world(4).grad_accum == 4 and o.for_world(1).grad_accum == 16 and o.for_world(16).grad_accum == 1
+    assert OptimArgs(global_batch_size=32, batch_size=2, grad_accum=4).for_world(4).grad_accum == 4  # agree
+    with pytest.raises(MedAlignError, match=r"--global-batch-size 32 is not a multiple of --batch-size 2 x 3 "):
+        o.for_world(3)
+    with pytest.raises(MedAlignError, match="--grad-accum 8 and --global-batch-size 32 disagree"):
+        OptimArgs(global_batch_size=32, batch_size=2, grad_accum=8).for_world(4)
+
+
+def test_global_batch_size_instead_of_grad_accum(setup, tmp_path):
+    out = tmp_path / "run"
+    args = base_args(setup, out, "--max-steps", "1", "--global-batch-size", "4")
+    i = args.index("--grad-accum")
+    del args[i:i + 2]
+    res = invoke(args)
+    assert res.exit_code == 0, res.output
+    optim = json.loads((out / "config.json").read_text())["optim"]
+    assert optim["grad_accum"] == 2 and optim["global_batch_size"] == 4  # 4 / (batch 2 x 1 process)
+    assert [r["samples"] for r in read_log(out)] == [4]
