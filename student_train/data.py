@@ -35,7 +35,6 @@ from shared.images import mean_colour, resolve_image_path
 from shared.records import answer_text, first_turn, load_records, question_text, record_id, record_image
 from student_train.inputs import (IGNORE_INDEX, Encoded, adds_bos, answer_end_id, encode_sample, expand,
                                   student_pixels)
-from student_train.inputs import load_image_processor  # noqa: F401  (the recipe's import; moves with it)
 from student_train.templates import PromptTemplate
 
 #: How many offending records an error message lists.

@@ -15,7 +15,8 @@ from typing import Any
 from shared.errors import MedAlignError
 from student_train.checkpoint import find_checkpoint
 from student_train.config import RESUMABLE_CHANGES, TrainConfig
-from student_train.data import DataStats, Sample, build_samples, load_image_processor
+from student_train.data import DataStats, Sample, build_samples
+from student_train.inputs import load_image_processor
 from student_train.templates import PromptTemplate, template_for_model
 
 

@@ -30,6 +30,7 @@ from contextlib import nullcontext
 
 import torch
 
+from shared.errors import MedAlignError
 from shared.fileio import atomic_write_json
 from shared.runtime import torch_dtype
 from student_train import checkpoint
@@ -184,6 +185,20 @@ class Recipe:
                     self.save_checkpoint()
         return self.global_step >= self.total_steps
 
+    def _check_finite(self, step: int, losses: dict[str, float], grad_norm: float) -> None:
+        """Stop before a non-finite loss or gradient reaches the weights: nothing is updated or saved
+        from this step, and the last checkpoint stays resumable. (The losses are already averaged
+        over the ranks and the gradients all-reduced, so every rank stops at the same step.)"""
+        bad = [name.removesuffix("_loss") for name in ("lm_loss", "vis_loss", "att_loss")
+               if not math.isfinite(losses[name])]
+        if not bad and math.isfinite(grad_norm):
+            return
+        what = f"loss term(s) {', '.join(bad)}" if bad else f"gradient norm ({grad_norm})"
+        last = checkpoint.find_checkpoint(self.out)
+        resume = f"the last checkpoint ({last.name}) is resumable with --resume" if last else "no checkpoint was written"
+        raise MedAlignError(f"step {step}: non-finite {what}; stopped before updating the weights "
+                            f"(lower --lr, check the data and the teacher cache); {resume}")
+
     def _optimizer_step(self, batches, window: int, *, step: int, epoch: int) -> dict:
         """Accumulate ``window`` micro-batches, clip, step; returns this step's log record (means over
         the micro-batches and ranks, sample counts summed over the ranks)."""
@@ -202,13 +217,14 @@ class Recipe:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)  # the norm before clipping
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        means = self.dist.mean(sums[: len(LOG_NAMES)]).tolist()
+        self._check_finite(step, dict(zip(LOG_NAMES, means)), float(grad_norm))
         lrs = [g["lr"] for g in self.optimizer.param_groups]  # the rates this step used
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         counts = self.dist.sum(sums[-2:])
         samples = int(counts[0])
-        means = self.dist.mean(sums[: len(LOG_NAMES)]).tolist()
         peak = self.dist.max(torch.tensor([peak_memory_mib(self.device)], device=self.device))
         record = {"step": step, "epoch": epoch, **dict(zip(LOG_NAMES, means)), "lr": lrs[0],
                   "grad_norm": float(grad_norm), "samples_per_s": samples / max(time.perf_counter() - t0, 1e-9),

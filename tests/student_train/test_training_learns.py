@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -68,3 +69,39 @@ def test_a_few_dozen_steps_on_a_fixed_batch_lower_the_loss(tiny_batch, tmp_path,
     assert all(r["grad_norm"] > 0 and math.isfinite(r["grad_norm"]) and r["peak_mem_mib"] > 0 for r in log)
     if settings["max_grad_norm"]:
         assert log[0]["grad_norm"] > settings["max_grad_norm"]  # the norm before clipping (~6 here)
+
+
+@pytest.mark.parametrize("term", ["vis", "grad"])
+def test_non_finite_step_stops_before_the_update_and_stays_resumable(tiny_batch, tmp_path, monkeypatch, term):
+    """A non-finite loss term (or gradient) at step 3 stops the run there, naming the step and the
+    term; no adapter is written from that state, the step-2 checkpoint stays, --resume finishes."""
+    from shared.errors import MedAlignError
+    from student_train import model as student_model
+
+    real = student_model.compute_losses
+    calls = {"n": 0}
+
+    def poisoned(model, batch, align):
+        out = real(model, batch, align)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            if term == "vis":
+                out["vis_loss"] = out["vis_loss"] * float("nan")
+                out["loss"] = out["lm_loss"] + out["vis_loss"]
+            else:  # finite losses, a gradient that is not
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.register_hook(lambda g: g * float("inf"))
+                        break
+        return out
+
+    monkeypatch.setattr(student_model, "compute_losses", poisoned)
+    out = tmp_path / "run"
+    want = re.escape("loss term(s) vis") if term == "vis" else "gradient norm"
+    with pytest.raises(MedAlignError, match=rf"step 3: non-finite {want}.*step-00000002\) is resumable"):
+        _train(tiny_batch, out, max_steps=5, save_every=1)
+    assert not (out / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    monkeypatch.setattr(student_model, "compute_losses", real)
+    log = _train(tiny_batch, out, max_steps=5, save_every=1, resume=True)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and all(math.isfinite(r["loss"]) for r in log)
