@@ -13,7 +13,7 @@ from shared.records import read_json
 
 
 #: How the expert's patch features are resampled to the student grid when the grids differ
-#: (DESIGN.md 1, "Resampling"): ``norm-resample-norm`` L2-normalises each token, resamples, and
+#: (docs/design.md 1, "Resampling"): ``norm-resample-norm`` L2-normalises each token, resamples, and
 #: L2-normalises each row again (the reference's UniMed-B notebook; the default); ``resample-norm``
 #: resamples the raw tokens and normalises once (the reference's BiomedCLIP notebook, and what caches
 #: written before the setting existed hold).

@@ -129,7 +129,7 @@ class Preprocess:
     ``geometry='pad'`` pads to a square with the mean colour, then resizes (the student's view);
     ``'crop'`` resizes the short side and centre-crops, pixel for pixel what open_clip's stock
     evaluation transform ``image_transform(size, is_train=False)`` (torchvision ``Resize(size)`` +
-    ``CenterCrop(size)``) gives (DESIGN.md 1, "Geometry"). Resizing is bicubic with PIL (always
+    ``CenterCrop(size)``) gives (docs/design.md 1, "Geometry"). Resizing is bicubic with PIL (always
     antialiased), as both CLIP and LLaVA processors do.
     """
 

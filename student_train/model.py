@@ -175,7 +175,7 @@ def prepare_student(model: nn.Module, lora: LoraArgs, align: AlignArgs, train_pr
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant checkpointing of the decoder layers (keeps L_att's gradient; docs/design.md 4)."""
+    """Non-reentrant checkpointing of the decoder layers (keeps L_att's gradient; docs/design.md 5)."""
     base = unwrap(model)
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

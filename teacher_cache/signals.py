@@ -2,7 +2,7 @@
 
 The expert sees a g x g patch grid; the student a G x G one (N = G*G). Both signals are resampled
 bilinearly (``align_corners=False``) from g to G; when g == G no resampling happens at all
-(DESIGN.md 1, "Resampling").
+(docs/design.md 1, "Resampling").
 
 - ``S_e`` (N, N), resample order ``norm-resample-norm`` (the default, as the reference's
   ``Distill_data_unimed_B/Similarity_matrix.ipynb`` does): L2-normalise each token of ``E_v`` (M, b),
@@ -10,7 +10,7 @@ bilinearly (``align_corners=False``) from g to G; when g == G no resampling happ
   ``S_e = F F^T`` (cosine similarities: symmetric, unit diagonal). Order ``resample-norm``
   resamples the raw tokens and normalises once (``Distill_data_biomed/Similarity_matrix.ipynb``
   interpolates its un-normalised ``patch_tokens`` this way; tokens with large norms then dominate the
-  interpolated rows; S_e differs by ~0.2 on random 14x14 tokens, DESIGN.md 1 reports up to 0.5).
+  interpolated rows; S_e differs by ~0.2 on random 14x14 tokens, docs/design.md 1 reports up to 0.5).
   When g == G both orders are the plain cosine matrix of the raw tokens (one normalisation, bit
   for bit the same).
 - ``attn`` (N): reshape ``E_a`` (M) to (1, g, g), resample to (G, G), flatten. Stored raw

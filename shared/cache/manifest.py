@@ -4,7 +4,7 @@ The manifest is the contract between ``medalign-cache build`` and every reader. 
 and atomically, so a directory without one is an unfinished build. Reading checks the format
 version and rejects unknown keys (a newer writer's cache is refused, not misread).
 
-``resample_order`` (DESIGN.md 1, "Resampling") was added within format version 1: a manifest
+``resample_order`` (docs/design.md 1, "Resampling") was added within format version 1: a manifest
 without it was written before the setting existed, when features were always resampled raw, so
 it reads as ``resample-norm`` (see :data:`shared.grid.LEGACY_RESAMPLE_ORDER`). Those caches stay
 readable; a build or ``--resume`` with the other order refuses to mix into them.

@@ -2,7 +2,7 @@
 
 The reference preprocesses every expert input with open_clip's stock transform,
 ``image_transform(size, is_train=False, mean, std)`` (torchvision ``Resize(size)`` + ``CenterCrop``
-on a PIL image, DESIGN.md 1 "Geometry"). The tests call that transform directly and compare its
+on a PIL image, docs/design.md 1 "Geometry"). The tests call that transform directly and compare its
 normalised tensor with ours; both sides get the same RGB PIL image from ``shared.images``.
 """
 

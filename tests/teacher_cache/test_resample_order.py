@@ -1,4 +1,4 @@
-"""The resample order of the patch features (DESIGN.md 1, "Resampling").
+"""The resample order of the patch features (docs/design.md 1, "Resampling").
 
 The reference notebooks (``Distill_data_unimed_B/Similarity_matrix.ipynb``) L2-normalise each
 patch token, interpolate the (1, D, 14, 14) map bilinearly (``align_corners=False``) to 24x24,
