@@ -80,6 +80,18 @@ def test_vqa_rad_real_counts_match_source_md(vqa_rad_out):
     assert s["fixed"]["qid given as string, cast to int"] == 1
 
 
+def check_matches_official_row(rec: dict, row: dict) -> None:
+    """A converted VQA-RAD record has the LLaVA shape and its official row's image, question,
+    answer, answer type and extra fields."""
+    check_llava_shape(rec)
+    assert rec["image"] == row["image_name"]
+    assert question_text(rec) == row["question"].strip()
+    assert answer_text(rec) == str(row["answer"]).strip()
+    assert rec["answer_type"] == row["answer_type"].strip()
+    assert (rec["image_organ"], rec["question_type"], rec["phrase_type"]) == (
+        row["image_organ"], row["question_type"], row["phrase_type"])
+
+
 def test_vqa_rad_real_records_follow_the_official_rows(vqa_rad_out):
     out, _ = vqa_rad_out
     rows = json.loads(VQA_RAD.read_text())
@@ -90,14 +102,7 @@ def test_vqa_rad_real_records_follow_the_official_rows(vqa_rad_out):
     # the split is the official phrase_type split, which the copy also states in its `split` field
     assert {r["id"] for r in load(out, "test")} == {int(r["qid"]) for r in rows if r["split"] == "test"}
     for rec in recs:
-        check_llava_shape(rec)
-        row = by_qid[rec["id"]]
-        assert rec["image"] == row["image_name"]
-        assert question_text(rec) == row["question"].strip()
-        assert answer_text(rec) == str(row["answer"]).strip()
-        assert rec["answer_type"] == row["answer_type"].strip()
-        assert (rec["image_organ"], rec["question_type"], rec["phrase_type"]) == (
-            row["image_organ"], row["question_type"], row["phrase_type"])
+        check_matches_official_row(rec, by_qid[rec["id"]])
     got = {r["id"]: r for r in recs}
     assert got[0]["conversations"][1]["value"] == "Yes"               # row 0: qid "0"
     assert got[1511]["conversations"][1]["value"] == "4"              # integer answers
@@ -134,13 +139,7 @@ def test_vqa_rad_committed_test_rows_convert(vqa_rad_test_out):
     rows = json.loads(VQA_RAD_TEST_ROWS.read_text())
     assert [r["id"] for r in test] == [int(r["qid"]) for r in rows]  # official order
     for rec, row in zip(test, rows):
-        check_llava_shape(rec)
-        assert rec["image"] == row["image_name"]
-        assert question_text(rec) == row["question"].strip()
-        assert answer_text(rec) == str(row["answer"]).strip()
-        assert rec["answer_type"] == row["answer_type"].strip()
-        assert (rec["image_organ"], rec["question_type"], rec["phrase_type"]) == (
-            row["image_organ"], row["question_type"], row["phrase_type"])
+        check_matches_official_row(rec, row)
     pred_ids = [json.loads(line)["question_id"] for line in PREDICTIONS.read_text().splitlines() if line.strip()]
     assert [r["id"] for r in test] == pred_ids
 
