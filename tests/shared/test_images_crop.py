@@ -70,6 +70,7 @@ def vqa_rad_images(vqa_rad_dir):
     return _load_all(vqa_rad_dir / "images")
 
 
+@pytest.mark.slow  # all 315 images (~5 s); the committed 12-image variant runs in the fast suite
 @pytest.mark.parametrize("size", [224, 336])
 def test_crop_equals_open_clip_on_every_vqa_rad_image(vqa_rad_images, size):
     """All 315 images of the full copy (development workspace only)."""
