@@ -34,7 +34,7 @@ from shared.errors import MedAlignError
 from shared.images import mean_colour, resolve_image_path
 from shared.records import answer_text, first_turn, load_records, question_text, record_id, record_image
 from student_train.inputs import (IGNORE_INDEX, Encoded, adds_bos, answer_end_id, encode_sample, expand,
-                                  student_pixels)
+                                  student_image, student_pixels)
 from student_train.templates import PromptTemplate
 
 #: How many offending records an error message lists.
@@ -207,11 +207,26 @@ class TrainDataset(torch.utils.data.Dataset):
         """[3, S, S] float32 pixel values for a dataset-relative image path."""
         return student_pixels(self.processor, resolve_image_path(self.image_root, rel), self.background)
 
+    def _check_key(self, rel: str, row: int, digest: str) -> None:
+        """The image's bytes must be the ones its cache row was computed from (an image edited after
+        the build would be trained with a stale teacher row)."""
+        if self._reader is None:
+            from shared.cache import open_cache
+            self._reader = open_cache(self.cache_path)
+        stored = self._reader.key_of(row)
+        if stored and stored != digest:
+            raise MedAlignError(f"image {rel} changed since the teacher cache {self.cache_path} was built (its "
+                                f"sha256 {digest[:12]}... is not the cached row's {stored[:12]}...); rebuild "
+                                "the cache (medalign-cache build) or restore the image")
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.samples[i]
         item = expand(s.enc, self.image_token_id, self.num_image_tokens)
         try:
-            item["pixel_values"] = self.pixels(s.image)
+            item["pixel_values"], digest = student_image(
+                self.processor, resolve_image_path(self.image_root, s.image), self.background)
+            if self.cache_path is not None and s.teacher_row is not None:
+                self._check_key(s.image, s.teacher_row, digest)
         except MedAlignError as e:  # plain MedAlignError survives the DataLoader worker boundary
             raise MedAlignError(f"sample {s.record_id or s.index}: {e}") from None
         if self.cache_path is not None:

@@ -165,10 +165,16 @@ def load_image_processor(model_dir: str | Path, *, trust_remote_code: bool = Fal
 
 
 
-def student_pixels(processor, path: str | Path, background: tuple[int, int, int]) -> torch.Tensor:
-    """[3, S, S] float32 pixels of the image at ``path``: padded to a square with ``background`` (the
-    processor's mean colour, :func:`shared.images.mean_colour`) and processed."""
-    img, _ = load_image(path)
+def student_image(processor, path: str | Path, background: tuple[int, int, int]) -> tuple[torch.Tensor, str]:
+    """``(pixels [3, S, S] float32, sha256 of the file's bytes)`` of the image at ``path``: padded to a
+    square with ``background`` (the processor's mean colour, :func:`shared.images.mean_colour`) and
+    processed. The digest is what the teacher cache keys its rows by."""
+    img, digest = load_image(path)
     img = expand2square(img, background)
     out = processor(images=img, return_tensors="pt")["pixel_values"]
-    return torch.as_tensor(out[0], dtype=torch.float32)
+    return torch.as_tensor(out[0], dtype=torch.float32), digest
+
+
+def student_pixels(processor, path: str | Path, background: tuple[int, int, int]) -> torch.Tensor:
+    """The pixels of :func:`student_image` (generation and figures, where no cache row is checked)."""
+    return student_image(processor, path, background)[0]

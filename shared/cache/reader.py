@@ -65,6 +65,12 @@ class CacheReader:
         """sha256 of each row's image, in row order ("" for rows whose image failed)."""
         return self._store().keys()
 
+    def key_of(self, row: int) -> str:
+        """sha256 of one row's image (a single small read; "" for a row whose image failed)."""
+        if not 0 <= row < self.manifest.rows:
+            raise IndexError(f"row {row} out of range for a cache of {self.manifest.rows} rows")
+        return self._store().key_of(row)
+
     def row_of_key(self, key: str) -> int | None:
         if self._key_rows is None:
             self._key_rows = {k: r for r, k in enumerate(self.keys()) if k}

@@ -196,6 +196,9 @@ class _ZarrRows:
     def keys(self) -> list[str]:
         return [str(k) for k in self.key[:]]
 
+    def key_of(self, row: int) -> str:
+        return str(self.key[row])
+
     def close(self):
         for arr in (self.sim, self.attn):
             if isinstance(arr, _ShardFile):
@@ -264,6 +267,10 @@ class _Hdf5Rows:
         for shard in range((self.rows + self.shard_size - 1) // self.shard_size):
             out.extend(k.decode() for k in self._file(shard)["key"][:])
         return out
+
+    def key_of(self, row: int) -> str:
+        shard, offset = divmod(row, self.shard_size)
+        return self._file(shard)["key"][offset].decode()
 
     def close(self):
         for f in self._files.values():

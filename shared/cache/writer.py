@@ -87,9 +87,16 @@ class CacheWriter:
                 parts = ", ".join(f"{k}: existing {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
                 raise MedAlignError(f"--out {self.out} already holds a different cache ({parts}); "
                                     "refusing to overwrite it. Choose another --out.")
-            existing_keys = set(json.loads((self.out / INDEX_NAME).read_text()).keys()) if (
-                self.out / INDEX_NAME).is_file() else set()
-            if resume and set(self.index) <= existing_keys and existing.rows == len(self.keys):
+            settings = {"--format": (existing.storage, self.plan["storage"]),
+                        "--dtype": (existing.sim_dtype, self.sim_dtype),
+                        "--shard-size": (existing.shard_size, self.shard_size)}
+            other = [f"{flag} {want!r} (the cache holds {have!r})" for flag, (have, want) in settings.items()
+                     if have != want]
+            if resume and other:
+                raise MedAlignError(f"--resume into the finished cache {self.out} with other settings: "
+                                    f"{', '.join(other)}; a finished cache is never rewritten: use its "
+                                    "settings, or build into another --out")
+            if resume and self._same_images(existing):
                 self.complete = True
                 return
             raise MedAlignError(f"--out {self.out} already holds a finished cache of this expert"
@@ -121,6 +128,29 @@ class CacheWriter:
         progress.mkdir(parents=True, exist_ok=True)
         atomic_write_json(progress / "plan.json", self.plan)
         self.storage.create()
+
+    def _same_images(self, existing: Manifest) -> bool:
+        """Whether the finished cache holds exactly the planned images: the same rows, every planned
+        path at its row, and each row's stored content key equal to the image's sha256 now (an image
+        edited in place since the build is not "already cached")."""
+        from shared.cache.reader import open_cache
+
+        if existing.rows != len(self.keys) or not (self.out / INDEX_NAME).is_file():
+            return False
+        stored_index = json.loads((self.out / INDEX_NAME).read_text())
+        if any(stored_index.get(rel) != row for rel, row in self.index.items()):
+            return False
+        reader = open_cache(self.out)
+        try:
+            stored = reader.keys()
+        finally:
+            reader.close()
+        changed = [rel for rel, row in self.index.items() if stored[row] and stored[row] != self.keys[row]]
+        if changed:
+            raise MedAlignError(f"--resume: {len(changed)} image(s) changed since {self.out} was built (their bytes "
+                                f"no longer match the cached rows): {', '.join(sorted(changed)[:5])}"
+                                f"{' ...' if len(changed) > 5 else ''}; build into a new --out")
+        return True
 
     # -- shards ----------------------------------------------------------------------------------
     @property

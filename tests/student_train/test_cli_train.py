@@ -124,6 +124,25 @@ def test_projector_frozen_by_default_and_not_saved(setup, tmp_path):
     assert len(want) == 4 and set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.parametrize("storage", ["zarr", "hdf5"])
+def test_an_image_changed_after_the_cache_build_stops_training(tmp_path, tiny_student_dirs, storage):
+    """Issue 15 item 3: an image edited in place after the build was trained with its stale teacher
+    row; the bytes training reads are checked against the row's key (--allow-missing does not cover it)."""
+    from PIL import Image
+
+    images = write_images(tmp_path / "images", 4)
+    write_records(tmp_path / "train.json", images)
+    cache, _ = write_teacher_cache(tmp_path / "cache", tmp_path / "images", images, 4, storage=storage)
+    img = Image.open(tmp_path / "images" / images[2]).convert("RGB")
+    img.putpixel((0, 0), tuple(255 - v for v in img.getpixel((0, 0))))
+    img.save(tmp_path / "images" / images[2])
+    s = {"cache": cache, "model": tiny_student_dirs["llama"], "dir": tmp_path}
+    res = CliRunner().invoke(cli.main, base_args(s, tmp_path / "run", "--max-steps", "2", "--allow-missing"))
+    assert res.exit_code == 2, res.output
+    assert f"image {images[2]} changed since the teacher cache" in res.output and "rebuild" in res.output
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
 def test_plain_lora_needs_no_cache(setup, tmp_path):
     out = tmp_path / "lora"
     args = [a for a in base_args(setup, out, "--alpha", "0", "--beta", "0", "--max-steps", "1")]

@@ -55,7 +55,7 @@ def teacher_arrays(n_rows: int, n_tokens: int, seed: int = 1) -> tuple[np.ndarra
 
 
 def write_teacher_cache(out: Path, image_root: Path, images: list[str], grid: int, *, skip: tuple = (),
-                        index_paths: bool = True, seed: int = 1):
+                        index_paths: bool = True, seed: int = 1, storage: str = "zarr"):
     """A cache over ``images`` (minus ``skip``) keyed by the real files' sha256.
 
     Returns (cache path, {rel: (sim, attn)}) with the arrays as written.
@@ -64,6 +64,6 @@ def write_teacher_cache(out: Path, image_root: Path, images: list[str], grid: in
     sims, attns = teacher_arrays(len(kept), grid * grid, seed)
     keys = [sha256_file(image_root / p) for p in kept]
     index = {p: r for r, p in enumerate(kept)} if index_paths else {}
-    write_cache(out, sims, attns, keys, index)
+    write_cache(out, sims, attns, keys, index, format=storage)
     return out, {p: (sims[r], attns[r]) for r, p in enumerate(kept)}
 

@@ -208,6 +208,37 @@ def test_out_holding_another_cache_is_refused(tiny, tmp_path):
     _run(_args(tiny, tmp_path / "c", "--resume"))  # same build: nothing to do, accepted
 
 
+@pytest.mark.parametrize("flag, value, stored", [("--dtype", "int8", "'float16'"), ("--format", "hdf5", "'zarr'"),
+                                                 ("--shard-size", "8", "4")])
+def test_resume_with_other_settings_is_refused(tiny, tmp_path, flag, value, stored):
+    """Issue 15 item 4: --resume into a finished cache with another encoding, format or shard size
+    said "cache written" and changed nothing; it is refused, naming the setting and the stored value."""
+    _run(_args(tiny, tmp_path / "c"))
+    before = (tmp_path / "c" / "manifest.json").read_bytes()
+    out = _run(_args(tiny, tmp_path / "c", flag, value, "--resume"), expect=2)
+    assert f"{flag} '{value}' (the cache holds {stored})" in out or f"{flag} {value} (the cache holds {stored})" in out
+    assert (tmp_path / "c" / "manifest.json").read_bytes() == before
+
+
+def test_resume_refuses_an_image_changed_since_the_build(tiny, tmp_path):
+    """Issue 15 item 3: an image edited in place after the build was taken as already cached."""
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(tiny / "images", images)
+    args = _args(tiny, tmp_path / "c")
+    args[args.index("--image-root") + 1] = str(images)
+    _run(args)
+    _run(args + ["--resume"])  # unchanged: nothing to do
+    name = json.loads((tiny / "a.json").read_text())[2]["image"]
+    from PIL import Image
+    img = Image.open(images / name)
+    img.putpixel((0, 0), tuple(255 - v for v in img.convert("RGB").getpixel((0, 0))))
+    img.convert("RGB").save(images / name)
+    out = _run(args + ["--resume"], expect=2)
+    assert "1 image(s) changed since" in out and name in out
+
+
 def test_resample_order_is_recorded_shown_and_never_mixed(tiny, tmp_path):
     """A cache built with one resample order is another cache: --out / --resume refuse the other one,
     naming both sides; info shows it; verify --recompute recomputes with the recorded order."""
