@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from shared.cache import CacheWriter, Manifest, normalise_rel
 from shared.cache.encoding import encode_sim
+from shared.cache.lock import build_lock
 from shared.cache.writer import DEFAULT_SHARD_SIZE
 from shared.errors import BadImageError, MedAlignError
 from shared.grid import check_resample_order, triangle_size
@@ -168,7 +169,13 @@ def layer_name(expert) -> str:
 
 
 def build_cache(cfg: BuildConfig, stats: dict | None = None) -> Manifest:
-    """Build (or resume) the cache; ``stats``, when given, receives the seconds of each phase."""
+    """Build (or resume) the cache, holding ``--out``'s build lock throughout (one builder per cache);
+    ``stats``, when given, receives the seconds of each phase."""
+    with build_lock(cfg.out):
+        return _build_locked(cfg, stats)
+
+
+def _build_locked(cfg: BuildConfig, stats: dict | None) -> Manifest:
     import time
     stats = {} if stats is None else stats
     t0 = time.perf_counter()

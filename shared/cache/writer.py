@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from shared.cache.encoding import SIM_DTYPES, encode_sim
+from shared.cache.lock import LOCK_NAME
 from shared.cache.manifest import BUILD_IDENTITY_KEYS, INDEX_NAME, MANIFEST_NAME, STORAGES, Manifest
 from shared.cache.storage import STAGING, make_storage
 from shared.errors import MedAlignError
@@ -122,7 +123,7 @@ class CacheWriter:
                 raise MedAlignError(f"--resume: the unfinished build in {self.out} was started with different "
                                     f"settings or inputs (differs in: {', '.join(changed)}"
                                     + (f"; {', '.join(sides)}" if sides else "") + "); use a new --out")
-        elif self.out.exists() and any(self.out.iterdir()):
+        elif self.out.exists() and any(p.name != LOCK_NAME for p in self.out.iterdir()):
             raise MedAlignError(f"--out {self.out} exists and is not empty (and is not a MedAlign cache); "
                                 "refusing to write into it")
         progress.mkdir(parents=True, exist_ok=True)

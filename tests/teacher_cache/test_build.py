@@ -239,6 +239,31 @@ def test_resume_refuses_an_image_changed_since_the_build(tiny, tmp_path):
     assert "1 image(s) changed since" in out and name in out
 
 
+def test_one_builder_per_cache(tiny, tmp_path):
+    """Issue 15 item 5: two builders on one --out both ran and the loser died with a traceback. A
+    second builder fails at once naming the holder; a lock left by a dead process is taken over;
+    nothing but the cache is left after a build or a resume."""
+    import os
+    import socket
+    import subprocess
+
+    from shared.cache.lock import LOCK_NAME
+
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "t0"}))
+    msg = _run(_args(tiny, out), expect=2)
+    assert f"is being built by another process (host {socket.gethostname()}, pid {os.getpid()}, since t0)" in msg
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # the other builder's files untouched
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "t0"}))
+    _run(_args(tiny, out))  # the holder is gone: taken over
+    _run(_args(tiny, out, "--resume"))
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers
+
+
 def test_resample_order_is_recorded_shown_and_never_mixed(tiny, tmp_path):
     """A cache built with one resample order is another cache: --out / --resume refuse the other one,
     naming both sides; info shows it; verify --recompute recomputes with the recorded order."""
