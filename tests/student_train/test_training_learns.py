@@ -18,6 +18,8 @@ from student_train.recipe import train
 STEPS = 30
 LR = 1e-2
 
+pytestmark = pytest.mark.slow  # whole training runs (~9 s in all); CI runs the slow tests
+
 
 @pytest.fixture(scope="module")
 def tiny_batch(tmp_path_factory, tiny_student_dirs):
