@@ -73,17 +73,13 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _base_type(annotation: Any) -> tuple[type, bool]:
-    """``(int, True)`` for ``int | None`` / ``Optional[int]``; ``(float, False)`` for ``float``."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing))  # noqa: S307 - our own annotations only
-    args = typing.get_args(annotation)
+def _base_type(annotation: Any) -> type:
+    """The click type behind a resolved annotation: ``int`` for ``int | None``, ``str`` for a union
+    of several types (``str | int``: the dataclass parses it), the annotation itself otherwise."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) == 1:
-            return rest[0], len(rest) < len(args)
-        return str, len(rest) < len(args)  # e.g. int | str: parsed by the dataclass
-    return annotation, False
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else str
+    return annotation
 
 
 def dataclass_options(*classes: type, exclude: tuple[str, ...] = ()) -> Callable:
@@ -114,7 +110,7 @@ def _option(f: dataclasses.Field, annotation: Any, doc: str) -> Callable:
     if meta.get("required"):
         help_text = f"{help_text}  [required]"
     default = f.default if f.default is not dataclasses.MISSING else None
-    typ, _optional = _base_type(annotation)
+    typ = _base_type(annotation)
     if typ is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=bool(default), help=help_text,
                             show_default=bool(default))

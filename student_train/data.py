@@ -27,14 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from shared.errors import MedAlignError
 from shared.images import mean_colour, resolve_image_path
 from shared.records import answer_text, first_turn, load_records, question_text, record_id, record_image
 from student_train.inputs import (IGNORE_INDEX, Encoded, adds_bos, answer_end_id, encode_sample, expand,
-                                  student_image, student_pixels)
+                                  student_image)
 from student_train.templates import PromptTemplate
 
 #: How many offending records an error message lists.
@@ -193,27 +192,24 @@ class TrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _cache(self):
+        """The teacher cache, opened on first use in the process that reads it."""
+        if self._reader is None:
+            from shared.cache import open_cache
+            self._reader = open_cache(self.cache_path)
+        return self._reader
+
     def _teacher(self, row: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
         n = self.num_image_tokens
         if row is None:
             return torch.zeros(n, n), torch.zeros(n), False
-        if self._reader is None:
-            from shared.cache import open_cache
-            self._reader = open_cache(self.cache_path)
-        sim, attn = self._reader.read(row)
+        sim, attn = self._cache().read(row)
         return torch.tensor(sim, dtype=torch.float32), torch.tensor(attn, dtype=torch.float32), True
-
-    def pixels(self, rel: str) -> torch.Tensor:
-        """[3, S, S] float32 pixel values for a dataset-relative image path."""
-        return student_pixels(self.processor, resolve_image_path(self.image_root, rel), self.background)
 
     def _check_key(self, rel: str, row: int, digest: str) -> None:
         """The image's bytes must be the ones its cache row was computed from (an image edited after
         the build would be trained with a stale teacher row)."""
-        if self._reader is None:
-            from shared.cache import open_cache
-            self._reader = open_cache(self.cache_path)
-        stored = self._reader.key_of(row)
+        stored = self._cache().key_of(row)
         if stored and stored != digest:
             raise MedAlignError(f"image {rel} changed since the teacher cache {self.cache_path} was built (its "
                                 f"sha256 {digest[:12]}... is not the cached row's {stored[:12]}...); rebuild "

@@ -138,11 +138,11 @@ class CacheWriter:
 
         if existing.rows != len(self.keys) or not (self.out / INDEX_NAME).is_file():
             return False
-        stored_index = json.loads((self.out / INDEX_NAME).read_text())
-        if any(stored_index.get(rel) != row for rel, row in self.index.items()):
-            return False
         reader = open_cache(self.out)
         try:
+            stored_index = reader.index
+            if any(stored_index.get(rel) != row for rel, row in self.index.items()):
+                return False
             stored = reader.keys()
         finally:
             reader.close()

@@ -13,8 +13,6 @@ from PIL import Image
 from evaluation import attention_map as A
 from evaluation import generate as G
 from evaluation import generate_config as C
-from evaluation import questions as Q
-from student_train import families as F
 from student_train import inputs as I
 from evaluation.cli import main
 from student_train.tiny import save_tiny_llava

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
