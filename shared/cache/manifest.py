@@ -19,7 +19,7 @@ from typing import Any
 
 from shared.errors import MedAlignError
 from shared.records import read_json
-from shared.cache.encoding import SIM_DTYPES
+from shared.cache.encoding import check_sim_dtype
 from shared.grid import LEGACY_RESAMPLE_ORDER, check_resample_order, triangle_size
 
 FORMAT_VERSION = 1
@@ -71,8 +71,7 @@ class Manifest:
     def __post_init__(self):
         if self.storage not in STORAGES:
             raise MedAlignError(f"manifest: unknown storage {self.storage!r}; expected one of {STORAGES}")
-        if self.sim_dtype not in SIM_DTYPES:
-            raise MedAlignError(f"manifest: unknown sim dtype {self.sim_dtype!r}; expected one of {SIM_DTYPES}")
+        check_sim_dtype(self.sim_dtype, "manifest: sim dtype")
         if self.grid <= 0 or self.patch_grid <= 0:
             raise MedAlignError("manifest: grid sizes must be positive")
         check_resample_order(self.resample_order, "manifest resample_order")

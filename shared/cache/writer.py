@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.cache.encoding import SIM_DTYPES, encode_sim
+from shared.cache.encoding import check_sim_dtype, encode_sim
 from shared.cache.lock import LOCK_NAME
 from shared.cache.manifest import BUILD_IDENTITY_KEYS, INDEX_NAME, MANIFEST_NAME, STORAGES, Manifest
 from shared.cache.storage import STAGING, make_storage
@@ -56,8 +56,7 @@ class CacheWriter:
                  shard_size: int = DEFAULT_SHARD_SIZE, resume: bool = False):
         if storage not in STORAGES:
             raise MedAlignError(f"unknown storage format {storage!r}; choose one of {', '.join(STORAGES)}")
-        if sim_dtype not in SIM_DTYPES:
-            raise MedAlignError(f"unknown --dtype {sim_dtype!r}; choose one of {', '.join(SIM_DTYPES)}")
+        check_sim_dtype(sim_dtype, "--dtype")
         if shard_size < 1:
             raise MedAlignError("shard size must be >= 1")
         missing = [k for k in BUILD_IDENTITY_KEYS if k not in identity]
