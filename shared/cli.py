@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import click
 
-from shared.errors import MedAlignError
+from shared.errors import MedAlignError, user_message
 
 
 @contextlib.contextmanager
@@ -32,7 +32,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except MedAlignError as e:
-        click.echo(f"Error: {e}", err=True)
+        click.echo(f"Error: {user_message(e)}", err=True)
         sys.exit(2)
 
 
@@ -50,7 +50,7 @@ class UserErrorGroup(click.Group):
         try:
             return super().invoke(ctx)
         except MedAlignError as e:
-            raise _UserError(str(e)) from None
+            raise _UserError(user_message(e)) from None
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -57,7 +57,9 @@ def _teacher_identity(cfg: TrainConfig, n_tokens: int) -> dict | None:
     if not cfg.align.distill:
         return None
     from shared.cache import open_cache
+    from shared.cache.check import require_structure
 
+    require_structure(cfg.align.cache)  # cheap: no chunk is read; before anything big is loaded
     reader = open_cache(cfg.align.cache)
     m = reader.manifest
     if m.num_tokens != n_tokens:

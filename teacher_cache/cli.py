@@ -112,26 +112,49 @@ def info(cache, as_json):
               help="open_clip model config JSON, as given to build.")
 @click.option("--tolerance", type=float, default=None,
               help="Max abs difference accepted by --recompute (default 2e-3 for float16, 6e-3 for int8).")
-def verify(cache, recompute, weights, image_root, device, seed, model_config, tolerance):
-    """Check shard checksums; optionally recompute rows with the expert."""
+@click.option("--rows/--no-rows", "read_rows", default=True, show_default=True,
+              help="Read every row through the checked reader (chunk checksums, value checks).")
+def verify(cache, recompute, weights, image_root, device, seed, model_config, tolerance, read_rows):
+    """Check the cache is what its manifest says: structure, file checksums, every row; optionally
+    recompute rows with the expert. Exit 0 when it is, 1 when it is not."""
+    from tqdm import tqdm
+
     from shared.cache import open_cache
-    from shared.images import sha256_file
-    reader = open_cache(cache)
-    m = reader.manifest
-    bad = []
-    nfiles = 0
-    for shard in m.shards:
-        for rel, digest in shard["files"].items():
-            nfiles += 1
-            path = cache / rel
-            if not path.is_file():
-                bad.append(f"{rel}: missing")
-            elif sha256_file(path) != digest:
-                bad.append(f"{rel}: checksum mismatch")
+    from shared.cache.check import check_file_checksums, check_structure
+    from shared.errors import CacheDamagedError
+
+    report = check_structure(cache)
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    for problem in report.problems:
+        click.echo(f"FAIL {problem}", err=True)
+    m = report.manifest
+    if m is None:  # the manifest itself is damaged or missing: nothing else can be trusted
+        click.echo("structure: FAIL (the manifest cannot be used)")
+        sys.exit(1)
+    click.echo(f"structure: {'OK' if report.ok else f'FAIL ({len(report.problems)} problem(s))'} "
+               f"({len(m.shards)} shard(s), {m.rows} rows)")
+    nfiles = sum(len(s.get("files") or {}) for s in m.shards)
+    with tqdm(total=nfiles, desc="file checksums", disable=None, leave=False) as bar:
+        nfiles, bad = check_file_checksums(cache, m, bar.update)
     for b in bad:
         click.echo(f"FAIL {b}", err=True)
     click.echo(f"checksums: {nfiles - len(bad)}/{nfiles} files OK")
-    ok = not bad
+    ok = report.ok and not bad
+    reader = open_cache(cache)
+    if read_rows and ok:
+        damaged, keys = [], reader.keys()
+        for row in tqdm(range(m.rows), desc="rows", disable=None, leave=False):
+            if not keys[row]:
+                continue  # a failed row (--skip-bad): zeros by design
+            try:
+                reader.read(row)
+            except CacheDamagedError as e:
+                damaged.append(str(e))
+        for d in damaged[:20]:
+            click.echo(f"FAIL {d}", err=True)
+        click.echo(f"rows: {m.rows - len(damaged)}/{m.rows} read back and passed the value checks")
+        ok = ok and not damaged
     if recompute:
         if weights is None or image_root is None:
             raise MedAlignError("--recompute needs --weights and --image-root")

@@ -8,16 +8,23 @@ version and rejects unknown keys (a newer writer's cache is refused, not misread
 without it was written before the setting existed, when features were always resampled raw, so
 it reads as ``resample-norm`` (see :data:`shared.grid.LEGACY_RESAMPLE_ORDER`). Those caches stay
 readable; a build or ``--resume`` with the other order refuses to mix into them.
+
+``checksum`` and ``index_sha256`` were added the same way: ``checksum`` is the sha256 of the
+manifest's own canonical JSON (every other key, sorted, compact), so an edited or damaged manifest
+is refused on load; ``index_sha256`` is the sha256 of ``index.json``'s bytes. A manifest without them
+was written before they existed and is read unchecked (``medalign-cache verify`` says so).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.errors import MedAlignError
+from shared.errors import CacheDamagedError, MedAlignError
 from shared.records import read_json
 from shared.cache.encoding import check_sim_dtype
 from shared.grid import LEGACY_RESAMPLE_ORDER, check_resample_order, triangle_size
@@ -35,6 +42,13 @@ IDENTITY_KEYS = ("expert", "weights_sha256", "grid", "geometry", "token_mode", "
 BUILD_IDENTITY_KEYS = tuple(k for k in IDENTITY_KEYS if k not in ("patch_grid", "sim_dtype"))
 _ORDER_WORDS = {"norm-resample-norm": "L2-normalise, resample, L2-normalise again",
                 "resample-norm": "raw tokens resampled, then L2-normalised"}
+
+
+def canonical_sha256(data: dict[str, Any]) -> str:
+    """sha256 of a manifest dict's canonical JSON (keys sorted, compact, UTF-8), ``checksum`` left out."""
+    body = {k: v for k, v in data.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,8 @@ class Manifest:
     sources: list[dict[str, Any]] = field(default_factory=list)   # [{"data", "records", "images"}]
     created: str = ""
     tool_version: str = ""
+    index_sha256: str = ""           # sha256 of index.json ("" in manifests written before it was recorded)
+    checksum: str = ""               # sha256 of this manifest's canonical JSON without this key (:meth:`sealed`)
     format_version: int = field(default=FORMAT_VERSION, init=False)
 
     def __post_init__(self):
@@ -88,11 +104,19 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def sealed(self) -> "Manifest":
+        """A copy whose ``checksum`` covers every other key (what :meth:`CacheWriter.finalize` writes)."""
+        return dataclasses.replace(self, checksum=canonical_sha256(self.to_json()))
+
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str = MANIFEST_NAME) -> "Manifest":
         if not isinstance(data, dict):
             raise MedAlignError(f"{source}: expected a JSON object")
         version = data.get("format_version")
+        if data.get("checksum") and canonical_sha256(data) != data["checksum"]:
+            raise CacheDamagedError(
+                f"{source}: the manifest's checksum does not match its contents (edited or damaged since the "
+                "build); run `medalign-cache verify` on the cache, rebuild it if it fails")
         if version != FORMAT_VERSION:
             raise MedAlignError(
                 f"{source}: cache format version {version!r} is not supported (this tool reads version "

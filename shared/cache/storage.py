@@ -1,7 +1,11 @@
 """The two on-disk layouts of one logical cache: a Zarr v3 group, or one HDF5 file per shard.
 
 Both store three row-aligned arrays, ``key`` (rows,), ``sim`` (rows, N(N+1)/2) and
-``attn`` (rows, N), one chunk per row, rows grouped into shards. Each shard is written whole by
+``attn`` (rows, N), one chunk per row, rows grouped into shards. Every chunk carries its own
+checksum, checked on every read (docs/design.md 4, "Faults"): zarr's standard ``crc32c`` codec after
+blosc inside the sharding codec (and on the ``key`` chunks), HDF5's ``fletcher32`` filter. Both are
+read by plain zarr / h5py. Caches written before the checksums existed stay readable (their chunks
+are then unchecked; ``medalign-cache verify`` says so). Each shard is written whole by
 one writer into a staging area and moved into place with ``os.replace``, so a killed build never
 leaves a torn shard behind in the live arrays (and two writers never touch one shard: zarr-python
 issue 3682).
@@ -29,31 +33,44 @@ def _blosc(dtype: str):
 
 
 class _Layout:
-    """What both layouts are given: the cache directory, its rows, N, rows per shard, the sim encoding."""
+    """What both layouts are given: the cache directory, its rows, N, rows per shard, the sim encoding.
 
-    def __init__(self, root: str | Path, rows: int, num_tokens: int, shard_size: int, sim_dtype: str):
+    ``chunk_checksums=False`` writes the layout of caches built before per-chunk checksums existed;
+    only tests and ``bench/cache.py`` (today's reader as the baseline) use it.
+    """
+
+    def __init__(self, root: str | Path, rows: int, num_tokens: int, shard_size: int, sim_dtype: str,
+                 chunk_checksums: bool = True):
         self.root = Path(root)
         self.rows, self.n, self.shard_size, self.sim_dtype = rows, num_tokens, shard_size, sim_dtype
         self.tri = triangle_size(num_tokens)
+        self.chunk_checksums = chunk_checksums
 
 
 class ZarrStorage(_Layout):
     """``CACHE/{key,sim,attn}/`` arrays in a Zarr v3 group with the sharding codec."""
 
     name = "zarr"
-    compression = "blosc zstd level 3 (byte shuffle for float16/float32), one chunk per row"
+
+    @property
+    def compression(self) -> str:
+        return ("blosc zstd level 3 (byte shuffle for float16/float32), one chunk per row"
+                + (", crc32c per chunk" if self.chunk_checksums else ""))
 
     def _create_arrays(self, where: Path) -> dict:
         import zarr
+        from zarr.codecs import Crc32cCodec
         group = zarr.open_group(str(where), mode="a", zarr_format=3)
         rows = max(self.rows, 1)
         shard = min(self.shard_size, rows)
+        crc = [Crc32cCodec()] if self.chunk_checksums else []
+        key_codecs = {"compressors": crc} if crc else {}
         specs = {
-            "key": dict(shape=(rows,), dtype=str, chunks=(shard,), fill_value=""),
+            "key": dict(shape=(rows,), dtype=str, chunks=(shard,), fill_value="", **key_codecs),
             "sim": dict(shape=(rows, self.tri), dtype=self.sim_dtype, chunks=(1, self.tri),
-                        shards=(shard, self.tri), compressors=_blosc(self.sim_dtype), fill_value=0),
+                        shards=(shard, self.tri), compressors=[_blosc(self.sim_dtype), *crc], fill_value=0),
             "attn": dict(shape=(rows, self.n), dtype="float32", chunks=(1, self.n),
-                         shards=(shard, self.n), compressors=_blosc("float32"), fill_value=0),
+                         shards=(shard, self.n), compressors=[_blosc("float32"), *crc], fill_value=0),
         }
         arrays = {}
         for name, spec in specs.items():
@@ -109,15 +126,17 @@ class _ShardFile:
     """Direct reads of one row from a sharded zarr array written by :class:`ZarrStorage`.
 
     zarr-python spends ~0.5 ms of asyncio machinery per read; a row is one ``pread`` of the shard
-    index (cached) and one of the chunk, then blosc. Used only when the array's ``zarr.json`` has
-    exactly the codec chain written here (sharding_indexed: bytes/little + blosc, index
-    bytes/little + crc32c at the end); anything else is read through zarr itself. Its imports
+    index (cached, its crc32c checked) and one of the chunk (its crc32c checked when the cache has
+    chunk checksums), then blosc. Used only when the array's ``zarr.json`` has exactly a codec chain
+    written here (sharding_indexed: bytes/little + blosc [+ crc32c], index bytes/little + crc32c at
+    the end); anything else is read through zarr itself. Its imports
     (numcodecs' blosc, google_crc32c) are declared dependencies; tests/teacher_cache/test_build.py
     pins it to zarr's own reads on every row of a built cache, float16 and int8.
     """
 
-    def __init__(self, root: Path, shard_rows: int, width: int, dtype: str):
+    def __init__(self, root: Path, shard_rows: int, width: int, dtype: str, checksummed: bool):
         self.root, self.shard_rows, self.width, self.dtype = root, shard_rows, width, np.dtype(dtype)
+        self.checksummed = checksummed
         self._fds: dict[int, int] = {}
         self._indexes: dict[int, np.ndarray] = {}
 
@@ -128,8 +147,9 @@ class _ShardFile:
             meta = json.loads((root / "zarr.json").read_text())
             (codec,) = meta["codecs"]
             cfg = codec["configuration"]
+            inner = [c["name"] for c in cfg["codecs"]]
             ok = (codec["name"] == "sharding_indexed" and cfg["index_location"] == "end"
-                  and [c["name"] for c in cfg["codecs"]] == ["bytes", "blosc"]
+                  and inner in (["bytes", "blosc"], ["bytes", "blosc", "crc32c"])
                   and _little_endian(cfg["codecs"][0], meta["data_type"])
                   and [c["name"] for c in cfg["index_codecs"]] == ["bytes", "crc32c"]
                   and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
@@ -140,7 +160,7 @@ class _ShardFile:
         if not ok:
             return None
         return {"shard_rows": meta["chunk_grid"]["configuration"]["chunk_shape"][0], "width": meta["shape"][1],
-                "dtype": meta["data_type"]}
+                "dtype": meta["data_type"], "checksummed": inner[-1] == "crc32c"}
 
     def _fd(self, shard: int) -> int:
         fd = self._fds.get(shard)
@@ -156,7 +176,10 @@ class _ShardFile:
             import google_crc32c
             fd = self._fd(shard)
             size = 16 * self.shard_rows + 4
-            raw = os.pread(fd, size, os.fstat(fd).st_size - size)
+            end = os.fstat(fd).st_size
+            if end < size:
+                raise OSError(f"{self.root}/c/{shard}/0: truncated shard ({end} bytes, its index alone is {size})")
+            raw = os.pread(fd, size, end - size)
             if int.from_bytes(raw[-4:], "little") != google_crc32c.value(raw[:-4]):
                 raise OSError(f"{self.root}/c/{shard}/0: shard index checksum mismatch (corrupt file)")
             index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.shard_rows, 2)
@@ -171,7 +194,18 @@ class _ShardFile:
         start, nbytes = self._index(shard)[offset]
         if start == 2**64 - 1:  # chunk never written: the fill value
             return np.zeros(self.width, self.dtype)
-        data = blosc.decompress(os.pread(self._fd(shard), int(nbytes), int(start)))
+        raw = os.pread(self._fd(shard), int(nbytes), int(start))
+        if len(raw) != nbytes:
+            raise OSError(f"{self.root}/c/{shard}/0: truncated shard (chunk {offset} ends past the file)")
+        if self.checksummed:
+            import google_crc32c
+            if int.from_bytes(raw[-4:], "little") != google_crc32c.value(raw[:-4]):
+                raise OSError(f"{self.root}/c/{shard}/0: chunk {offset} checksum mismatch (corrupt file)")
+            raw = raw[:-4]
+        data = blosc.decompress(raw)
+        if len(data) != self.width * self.dtype.itemsize:
+            raise OSError(f"{self.root}/c/{shard}/0: chunk {offset} holds {len(data)} bytes, expected "
+                          f"{self.width * self.dtype.itemsize}")
         return np.frombuffer(data, dtype=self.dtype.newbyteorder("<"), count=self.width)
 
     def close(self):
@@ -209,7 +243,10 @@ class Hdf5Storage(_Layout):
     """``CACHE/shards/shard-NNNNN.h5``, each holding ``key``, ``sim``, ``attn`` for its rows."""
 
     name = "hdf5"
-    compression = "gzip level 4 with shuffle, one chunk per row"
+
+    @property
+    def compression(self) -> str:
+        return "gzip level 4 with shuffle, one chunk per row" + (", fletcher32 per chunk" if self.chunk_checksums else "")
 
     @staticmethod
     def shard_name(index: int) -> str:
@@ -223,13 +260,14 @@ class Hdf5Storage(_Layout):
         rel = self.shard_name(index)
         dest = self.root / rel
         tmp = dest.with_name(dest.name + ".tmp")
+        check = self.chunk_checksums
         with h5py.File(tmp, "w") as f:
             f.attrs["start"] = start
-            f.create_dataset("key", data=np.asarray(keys, dtype="S64"))
+            f.create_dataset("key", data=np.asarray(keys, dtype="S64"), chunks=(len(keys),), fletcher32=check)
             f.create_dataset("sim", data=sim, chunks=(1, self.tri), compression="gzip",
-                             compression_opts=4, shuffle=True)
+                             compression_opts=4, shuffle=True, fletcher32=check)
             f.create_dataset("attn", data=attn.astype(np.float32), chunks=(1, self.n),
-                             compression="gzip", compression_opts=4, shuffle=True)
+                             compression="gzip", compression_opts=4, shuffle=True, fletcher32=check)
         os.replace(tmp, dest)
         return {rel: sha256_file(dest)}
 
@@ -278,6 +316,7 @@ class _Hdf5Rows:
         self._files.clear()
 
 
-def make_storage(storage: str, root, rows: int, num_tokens: int, shard_size: int, sim_dtype: str):
+def make_storage(storage: str, root, rows: int, num_tokens: int, shard_size: int, sim_dtype: str,
+                 chunk_checksums: bool = True):
     cls = {"zarr": ZarrStorage, "hdf5": Hdf5Storage}[storage]
-    return cls(root, rows, num_tokens, shard_size, sim_dtype)
+    return cls(root, rows, num_tokens, shard_size, sim_dtype, chunk_checksums)

@@ -25,6 +25,7 @@ from shared.cache.storage import STAGING, make_storage
 from shared.errors import MedAlignError
 from shared.fileio import atomic_write_json
 from shared.grid import LEGACY_RESAMPLE_ORDER, pack_triangle, triangle_size
+from shared.images import sha256_file
 
 PROGRESS = ".progress"
 DEFAULT_SHARD_SIZE = 256
@@ -48,12 +49,13 @@ class CacheWriter:
 
     ``identity`` is the dict of :data:`~shared.cache.manifest.BUILD_IDENTITY_KEYS` (plus anything else
     that must match on resume); ``keys`` is the sha256 of each row's image in row order; ``index`` maps every
-    dataset-relative path to its row.
+    dataset-relative path to its row. ``chunk_checksums=False`` writes the layout of caches made before
+    per-chunk checksums existed (for tests and the benchmark's baseline only).
     """
 
     def __init__(self, out: str | Path, *, identity: dict[str, Any], keys: list[str], index: dict[str, int],
                  num_tokens: int, storage: str = "zarr", sim_dtype: str = "float16",
-                 shard_size: int = DEFAULT_SHARD_SIZE, resume: bool = False):
+                 shard_size: int = DEFAULT_SHARD_SIZE, resume: bool = False, chunk_checksums: bool = True):
         if storage not in STORAGES:
             raise MedAlignError(f"unknown storage format {storage!r}; choose one of {', '.join(STORAGES)}")
         check_sim_dtype(sim_dtype, "--dtype")
@@ -67,7 +69,8 @@ class CacheWriter:
         self.index = {normalise_rel(k): int(v) for k, v in index.items()}
         self.plan = {"identity": identity, "storage": storage, "sim_dtype": sim_dtype, "shard_size": shard_size,
                      "num_tokens": num_tokens, "keys": self.keys, "index": self.index}
-        self.storage = make_storage(storage, self.out, len(self.keys), num_tokens, shard_size, sim_dtype)
+        self.storage = make_storage(storage, self.out, len(self.keys), num_tokens, shard_size, sim_dtype,
+                                    chunk_checksums)
         self.sim_dtype = sim_dtype
         self.complete = False
         self._prepare(resume)
@@ -204,6 +207,7 @@ class CacheWriter:
         failed_keys = {f.get("key") for f in failures if f.get("key")}
         index = {p: r for p, r in self.index.items() if self.keys[r] not in failed_keys}
         atomic_write_json(self.out / INDEX_NAME, index)
+        index_digest = sha256_file(self.out / INDEX_NAME)
         manifest = Manifest(
             expert=expert, arch=arch, weights_sha256=weights_sha256, token_mode=token_mode,
             preprocessing=preprocessing, layer=layer, patch_grid=patch_grid, grid=grid,
@@ -211,7 +215,8 @@ class CacheWriter:
             storage=self.storage.name, sim_dtype=self.sim_dtype, rows=len(self.keys), shard_size=self.shard_size,
             compression=self.storage.compression,
             shards=shards, failures=failures, sources=sources or [],
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), tool_version=_version())
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), tool_version=_version(),
+            index_sha256=index_digest).sealed()
         atomic_write_json(self.out / MANIFEST_NAME, manifest.to_json())
         shutil.rmtree(self.out / PROGRESS, ignore_errors=True)
         shutil.rmtree(self.out / STAGING, ignore_errors=True)

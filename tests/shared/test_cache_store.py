@@ -11,8 +11,9 @@ import pytest
 
 from cache_helpers import write_cache
 from shared.cache import Manifest, open_cache
+from shared.cache.manifest import canonical_sha256
 from shared.cache.writer import CacheWriter
-from shared.errors import MedAlignError
+from shared.errors import CacheDamagedError, MedAlignError
 from shared.grid import pack_triangle, unpack_triangle
 
 
@@ -112,11 +113,14 @@ def test_manifest_rejects_unknown_keys_and_versions(tmp_path):
     write_cache(tmp_path / "c", sims, attns, keys, index)
     path = tmp_path / "c" / "manifest.json"
     data = json.loads(path.read_text())
-    bad = dict(data, surprise=1)
+
+    def sealed(d):  # what a newer tool would write: its own checksum over its own keys
+        return dict(d, checksum=canonical_sha256(d))
+
     with pytest.raises(MedAlignError, match="unknown manifest keys"):
-        Manifest.from_json(bad)
+        Manifest.from_json(sealed(dict(data, surprise=1)))
     with pytest.raises(MedAlignError, match="version"):
-        Manifest.from_json(dict(data, format_version=99))
+        Manifest.from_json(sealed(dict(data, format_version=99)))
     with pytest.raises(TypeError):
         Manifest(**{k: v for k, v in data.items() if k != "format_version"}, format_version=2)
 
@@ -201,5 +205,5 @@ def test_direct_shard_reads_equal_zarr_reads(tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[-10] ^= 0xFF  # flip a bit inside the shard index
     shard.write_bytes(bytes(raw))
-    with pytest.raises(OSError, match="checksum"):
+    with pytest.raises(CacheDamagedError, match="row 5 .*shard index checksum mismatch"):
         open_cache(tmp_path / "c").read(5)

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from cache_helpers import chunk_span, flip_bytes
 from train_helpers import write_images, write_records, write_teacher_cache
 
 from student_train import cli
@@ -141,6 +142,49 @@ def test_an_image_changed_after_the_cache_build_stops_training(tmp_path, tiny_st
     assert res.exit_code == 2, res.output
     assert f"image {images[2]} changed since the teacher cache" in res.output and "rebuild" in res.output
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("storage", ["zarr", "hdf5"])
+def test_a_flipped_byte_in_the_cache_stops_training_with_one_line(tmp_path, tiny_student_dirs, storage):
+    """Issue 15 item 1: two bytes flipped inside one stored S_e chunk trained on without a word
+    (vis_loss 15,504 against 0.073); now the read fails its chunk checksum and the run stops with
+    one line naming the cache, shard, row and image, before any adapter is written."""
+    images = write_images(tmp_path / "images", 4)
+    write_records(tmp_path / "train.json", images)
+    cache, _ = write_teacher_cache(tmp_path / "cache", tmp_path / "images", images, 4, storage=storage)
+    path, start, size = chunk_span(cache, storage, "sim", 1, shard_size=256, shard_rows=4)
+    flip_bytes(path, start + size // 2)
+    s = {"cache": cache, "model": tiny_student_dirs["llama"], "dir": tmp_path}
+    res = CliRunner().invoke(cli.main, base_args(s, tmp_path / "run", "--max-steps", "4"))
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in res.output, res.output
+    assert f"teacher cache {cache}: row 1 (shard 0, image {images[1]})" in errors[0]
+    assert "medalign-cache verify" in errors[0]
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("storage", ["zarr", "hdf5"])
+def test_a_structurally_broken_cache_is_refused_before_the_model_loads(tmp_path, tiny_student_dirs, storage,
+                                                                        monkeypatch):
+    """Issue 15 item 2: a shard file gone is found by the structural check in plan_run, before
+    the student is loaded (a loaded model here would fail the test)."""
+    import student_train.model as model_mod
+
+    images = write_images(tmp_path / "images", 4)
+    write_records(tmp_path / "train.json", images)
+    cache, _ = write_teacher_cache(tmp_path / "cache", tmp_path / "images", images, 4, storage=storage)
+    (cache / ("attn/c/0/0" if storage == "zarr" else "shards/shard-00000.h5")).unlink()
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the cache was checked")
+
+    monkeypatch.setattr(model_mod, "load_student", no_load)
+    s = {"cache": cache, "model": tiny_student_dirs["llama"], "dir": tmp_path}
+    res = CliRunner().invoke(cli.main, base_args(s, tmp_path / "run", "--max-steps", "1"))
+    assert res.exit_code == 2, res.output
+    assert "is not what its manifest says" in res.output and "missing" in res.output
+    assert "medalign-cache verify" in res.output
 
 
 def test_plain_lora_needs_no_cache(setup, tmp_path):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cache_helpers import make_legacy_manifest
 from shared.cache import open_cache
 from shared.images import load_image
 from teacher_cache.cli import main
@@ -300,10 +301,7 @@ def test_old_cache_without_resample_order_is_the_raw_order(tiny, tmp_path):
     refused, with the old order it is the same cache. With g == G nothing was resampled and either
     order is accepted."""
     _run(_args(tiny, tmp_path / "old", "--resample-order", "resample-norm"))
-    path = tmp_path / "old" / "manifest.json"
-    data = json.loads(path.read_text())
-    del data["resample_order"]
-    path.write_text(json.dumps(data))
+    make_legacy_manifest(tmp_path / "old", "resample_order")
     out = _run(_args(tiny, tmp_path / "old", "--resume"), expect=2)
     assert "resample_order: existing 'resample-norm' vs requested 'norm-resample-norm'" in out
     _run(_args(tiny, tmp_path / "old", "--resample-order", "resample-norm", "--resume"))
@@ -312,10 +310,7 @@ def test_old_cache_without_resample_order_is_the_raw_order(tiny, tmp_path):
     same = _args(tiny, tmp_path / "same")
     same[same.index("6")] = "4"  # the tiny expert's own grid
     _run(same + ["--resample-order", "resample-norm"])
-    path = tmp_path / "same" / "manifest.json"
-    data = json.loads(path.read_text())
-    del data["resample_order"]
-    path.write_text(json.dumps(data))
+    make_legacy_manifest(tmp_path / "same", "resample_order")
     assert "no effect: the grids match" in _run(["info", str(tmp_path / "same")])
     _run(same + ["--resume"])  # identical arrays either way: not refused
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cache_helpers import write_cache
+from cache_helpers import make_legacy_manifest, write_cache
 from shared.cache import Manifest, open_cache
 from shared.errors import MedAlignError
 from teacher_cache.signals import teacher_signals
@@ -121,7 +121,7 @@ def test_manifest_records_the_order_and_round_trips(tmp_path):
     assert m.identity()["resample_order"] == "resample-norm"
     assert "features resample-norm (raw tokens resampled" in m.describe()
     with pytest.raises(MedAlignError, match="manifest resample_order 'sideways'.*norm-resample-norm"):
-        Manifest.from_json(dict(data, resample_order="sideways"))
+        Manifest.from_json(dict(data, resample_order="sideways", checksum=""))
     _tiny_cache(tmp_path / "d")
     assert Manifest.load(tmp_path / "d").resample_order == "norm-resample-norm"
 
@@ -129,10 +129,7 @@ def test_manifest_records_the_order_and_round_trips(tmp_path):
 def test_manifest_without_the_key_reads_as_the_old_raw_order(tmp_path):
     """Caches written before the setting existed resampled the raw tokens; they stay readable."""
     _tiny_cache(tmp_path / "c")
-    path = tmp_path / "c" / "manifest.json"
-    data = json.loads(path.read_text())
-    del data["resample_order"]
-    path.write_text(json.dumps(data))
+    make_legacy_manifest(tmp_path / "c", "resample_order")
     reader = open_cache(tmp_path / "c")
     assert reader.manifest.resample_order == "resample-norm"
     assert reader.manifest.format_version == 1
