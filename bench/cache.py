@@ -12,6 +12,13 @@ the reference's float32 matrices, single-process random reads/s, and reader RSS 
 
     python bench/cache.py                     # CPU, ViT-B/16 (unimed-b) at full size
     python bench/cache.py --device cuda --arch l --count 512 --skip-store   # GPU, ViT-L/14-336
+    python bench/cache.py --reads-only --count 32   # only the read-check comparison below
+
+Read checks (issue 15): random reads/s of this tree's reader (per-chunk crc32c / fletcher32 and the
+value checks) on a cache it wrote, against the reader of ``--baseline-rev`` (default ``f1a668c``, the
+last commit before the checks; checked out into a temporary git worktree) on a cache in that
+commit's layout (no chunk checksums, no manifest checksum), same matrices, same rows, alternating
+``--rounds`` times; zarr and HDF5.
 
 The pickle below exists only to measure the reference's file size: it is written, never loaded.
 """
@@ -87,6 +94,7 @@ def reference_loop(expert, root: Path, names: list[str], grid: int, device: str)
 
 _READ = r"""
 import sys, time, os, numpy as np, psutil
+sys.path.insert(0, os.getcwd())
 from shared.cache import open_cache
 r = open_cache(sys.argv[1]); rows = len(r); rng = np.random.default_rng(1)
 order = rng.integers(0, rows, int(sys.argv[2]))
@@ -98,11 +106,48 @@ print(len(order) / dt, psutil.Process(os.getpid()).memory_info().rss)
 """
 
 
-def _read_bench(cache: Path, reads: int) -> tuple[float, int]:
+def _read_bench(cache: Path, reads: int, repo: Path = REPO) -> tuple[float, int]:
+    """Random reads/s and RSS of a fresh process reading ``cache`` with the reader of ``repo``."""
     out = subprocess.run([sys.executable, "-c", _READ, str(cache), str(reads)], capture_output=True, text=True,
-                         check=True, cwd=REPO)
+                         check=True, cwd=repo)
     rate, rss = out.stdout.split()
     return float(rate), int(rss)
+
+
+def _read_checks(work: Path, sims, attns, args) -> dict:
+    """The read-check comparison (module docstring): medians over ``args.rounds`` alternations."""
+    from statistics import median
+
+    from cache_helpers import make_legacy_manifest
+
+    base_repo = work / "baseline-tree"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base_repo), args.baseline_rev],
+                   check=True, capture_output=True)
+    res: dict = {"read_checks_baseline_rev": args.baseline_rev}
+    try:
+        rows = args.check_rows
+        idx = np.arange(rows) % len(sims)
+        keys = [f"{i + 1:064x}" for i in range(rows)]
+        index = {f"{i}.jpg": i for i in range(rows)}
+        for fmt in ("zarr", "hdf5"):
+            old = write_cache(work / f"checks-{fmt}-old", _Rows(sims, idx), attns[idx], keys, index, format=fmt,
+                              chunk_checksums=False)
+            make_legacy_manifest(old)  # the baseline's manifest: without the keys it does not know
+            new = write_cache(work / f"checks-{fmt}", _Rows(sims, idx), attns[idx], keys, index, format=fmt)
+            today, checked = [], []
+            for _ in range(args.rounds):
+                today.append(_read_bench(old, args.reads, base_repo)[0])
+                checked.append(_read_bench(new, args.reads)[0])
+            res[f"reads_s_{fmt}_baseline"] = median(today)
+            res[f"reads_s_{fmt}_checked"] = median(checked)
+            res[f"reads_{fmt}_checked_vs_baseline"] = median(checked) / median(today)
+            res[f"reads_s_{fmt}_rounds"] = {"baseline": today, "checked": checked}
+            shutil.rmtree(old)
+            shutil.rmtree(new)
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base_repo)], check=False,
+                       capture_output=True)
+    return res
 
 
 def _dir_bytes(path: Path) -> int:
@@ -121,6 +166,10 @@ def main():
     ap.add_argument("--reads", type=int, default=2000)
     ap.add_argument("--rss-rows", default="1000,10000")
     ap.add_argument("--skip-store", action="store_true", help="only the build throughput")
+    ap.add_argument("--reads-only", action="store_true", help="only the read-check comparison (no build timing)")
+    ap.add_argument("--baseline-rev", default="f1a668c", help="git revision whose reader is the read-check baseline")
+    ap.add_argument("--rounds", type=int, default=3, help="alternations of the read-check comparison")
+    ap.add_argument("--check-rows", type=int, default=1000, help="rows of the read-check caches")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -142,38 +191,39 @@ def main():
         pkl = work / "reference.pkl"
         pkl.write_bytes(pickle.dumps(ref, protocol=pickle.HIGHEST_PROTOCOL))
         res["reference_img_s"] = len(names) / ref_s
-        ours = {}
-        for dtype in ("float16", "int8"):
-            cfg = BuildConfig(expert=name, weights=weights, data=(work / "data.json",), image_root=root,
-                              grid=args.grid, out=work / f"cache-{dtype}", geometry="crop", sim_dtype=dtype,
-                              batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
-                              progress=False)
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            stats: dict = {}
-            build_cache(cfg, stats)
-            ours[dtype] = time.perf_counter() - t0
-            if dtype == "float16":
-                res["ours_compute_img_s"] = stats["computed"] / stats["compute_s"]
-                res["ours_setup_s"] = stats["plan_s"] + stats["load_s"]
-            reader = open_cache(cfg.out)
-            err = max(float(np.abs(reader.get(n)[0] - ref[n]["sim"]).max()) for n in names)
-            res[f"{dtype}_bytes_per_image"] = _dir_bytes(cfg.out) / len(names)
-            res[f"{dtype}_max_abs_err"] = err
-            if args.skip_store:
-                break
-        res["ours_img_s"] = len(names) / ours["float16"]
-        res["build_speedup_end_to_end"] = res["ours_img_s"] / res["reference_img_s"]
-        res["build_speedup_compute"] = res["ours_compute_img_s"] / res["reference_img_s"]
-        res["pickle_bytes_per_image"] = pkl.stat().st_size / len(names)
-        for dtype in ours:
-            res[f"{dtype}_size_ratio"] = res["pickle_bytes_per_image"] / res[f"{dtype}_bytes_per_image"]
+        if not args.reads_only:
+            ours = {}
+            for dtype in ("float16", "int8"):
+                cfg = BuildConfig(expert=name, weights=weights, data=(work / "data.json",), image_root=root,
+                                  grid=args.grid, out=work / f"cache-{dtype}", geometry="crop", sim_dtype=dtype,
+                                  batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+                                  progress=False)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                stats: dict = {}
+                build_cache(cfg, stats)
+                ours[dtype] = time.perf_counter() - t0
+                if dtype == "float16":
+                    res["ours_compute_img_s"] = stats["computed"] / stats["compute_s"]
+                    res["ours_setup_s"] = stats["plan_s"] + stats["load_s"]
+                reader = open_cache(cfg.out)
+                err = max(float(np.abs(reader.get(n)[0] - ref[n]["sim"]).max()) for n in names)
+                res[f"{dtype}_bytes_per_image"] = _dir_bytes(cfg.out) / len(names)
+                res[f"{dtype}_max_abs_err"] = err
+                if args.skip_store:
+                    break
+            res["ours_img_s"] = len(names) / ours["float16"]
+            res["build_speedup_end_to_end"] = res["ours_img_s"] / res["reference_img_s"]
+            res["build_speedup_compute"] = res["ours_compute_img_s"] / res["reference_img_s"]
+            res["pickle_bytes_per_image"] = pkl.stat().st_size / len(names)
+            for dtype in ours:
+                res[f"{dtype}_size_ratio"] = res["pickle_bytes_per_image"] / res[f"{dtype}_bytes_per_image"]
         if not args.skip_store:
             # stores of 1k and 10k rows made of the real matrices, repeated
             sims = np.stack([ref[n]["sim"] for n in names])
             attns = np.stack([ref[n]["attn"] for n in names])
-            for rows in (int(x) for x in args.rss_rows.split(",")):
+            for rows in ([] if args.reads_only else (int(x) for x in args.rss_rows.split(","))):
                 idx = np.arange(rows) % len(names)
                 out = work / f"rows-{rows}"
                 write_cache(out, _Rows(sims, idx), attns[idx], [f"{i:064x}" for i in range(rows)],
@@ -182,6 +232,7 @@ def main():
                 res[f"reads_s_{rows}"] = rate
                 res[f"reader_rss_mb_{rows}"] = rss / 1e6
                 shutil.rmtree(out)
+            res.update(_read_checks(work, sims, attns, args))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(res, indent=1))

@@ -6,7 +6,7 @@ the cache directory, present) and no unlisted chunk file, the stored arrays' sha
 chunking (zarr metadata / HDF5 datasets) against the manifest, and ``index.json`` against its
 recorded digest and the ``key`` array. ``medalign-train`` runs it before loading the model
 (:func:`require_structure`); ``medalign-cache verify`` runs it and then :func:`check_file_checksums`,
-which hashes every listed file. docs/design.md 4, "Faults", says what is checked when.
+which hashes every listed file. docs/design.md 2, "Faults", says what is checked when.
 """
 
 from __future__ import annotations

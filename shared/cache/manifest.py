@@ -170,6 +170,8 @@ class Manifest:
             f"values/row), attn float32, storage {self.storage}, {self.compression or 'compression not recorded'}",
             f"rows          {self.rows} in {len(self.shards)} shard(s) of up to {self.shard_size}",
             f"failures      {len(self.failures)}",
+            f"integrity     manifest checksum {'recorded' if self.checksum else 'none (an older cache)'}, index.json "
+            f"digest {'recorded' if self.index_sha256 else 'none'}; `medalign-cache verify` checks everything",
             f"created       {self.created} by medalign {self.tool_version} (format v{self.format_version})",
         ]
         for s in self.sources:

@@ -4,7 +4,7 @@
 are opened on first use *in the process that uses them* (a DataLoader worker reopens after a
 fork), and a read touches only the row asked for, so memory does not grow with the cache.
 
-Every read is checked (docs/design.md 4, "Faults"): the chunk's checksum (by the storage layer), then
+Every read is checked (docs/design.md 2, "Faults"): the chunk's checksum (by the storage layer), then
 the values, at a cost of two reductions per array: every ``S_e`` entry within
 [-1 - 1e-3, 1 + 1e-3] with a unit diagonal (cosines of normalised features; a zero-filled row
 fails), every ``E_a`` entry finite and >= 0. Anything wrong, including a missing or truncated shard

@@ -2,7 +2,7 @@
 
 Both store three row-aligned arrays, ``key`` (rows,), ``sim`` (rows, N(N+1)/2) and
 ``attn`` (rows, N), one chunk per row, rows grouped into shards. Every chunk carries its own
-checksum, checked on every read (docs/design.md 4, "Faults"): zarr's standard ``crc32c`` codec after
+checksum, checked on every read (docs/design.md 2, "Faults"): zarr's standard ``crc32c`` codec after
 blosc inside the sharding codec (and on the ``key`` chunks), HDF5's ``fletcher32`` filter. Both are
 read by plain zarr / h5py. Caches written before the checksums existed stay readable (their chunks
 are then unchecked; ``medalign-cache verify`` says so). Each shard is written whole by

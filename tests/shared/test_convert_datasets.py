@@ -302,6 +302,7 @@ def test_iu_xray_reports(tmp_path):
     assert result.exit_code == 0, result.output
     train, val, test = load(out, "train"), load(out, "val"), load(out, "test")
     assert [r["id"] for r in train] == ["CXR1_1_IM-0001"] and [r["id"] for r in val] == ["CXR4"]
+    assert [r["id"] for r in test] == ["CXR5"]
     rec = train[0]
     check_llava_shape(rec)
     assert rec["image"] == "CXR1_1_IM-0001/0.png"
