@@ -119,6 +119,7 @@ def _read_checks(work: Path, sims, attns, args) -> dict:
     from statistics import median
 
     from cache_helpers import make_legacy_manifest
+    from shared.cache.check import check_structure
 
     base_repo = work / "baseline-tree"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base_repo), args.baseline_rev],
@@ -134,6 +135,10 @@ def _read_checks(work: Path, sims, attns, args) -> dict:
                               chunk_checksums=False)
             make_legacy_manifest(old)  # the baseline's manifest: without the keys it does not know
             new = write_cache(work / f"checks-{fmt}", _Rows(sims, idx), attns[idx], keys, index, format=fmt)
+            t0 = time.perf_counter()
+            if not check_structure(new).ok:
+                raise RuntimeError(f"the benchmark's own cache {new} fails its structural checks")
+            res[f"structure_check_ms_{fmt}"] = 1e3 * (time.perf_counter() - t0)  # what medalign-train adds
             today, checked = [], []
             for _ in range(args.rounds):
                 today.append(_read_bench(old, args.reads, base_repo)[0])
