@@ -53,14 +53,23 @@ def decode_sim(stored: np.ndarray, sim_dtype: str) -> np.ndarray:
     return values
 
 
+#: Below ATen's parallel grain (32,768 elements), so each cast runs on the calling thread and never
+#: wakes torch's intra-op pool (which, on a loaded machine, made a read 10x slower).
+_CAST_CHUNK = 16384
+
+
 def _as_float32(a: np.ndarray) -> np.ndarray:
-    """A float32 copy. numpy casts float16 one value at a time (~2-4 ns each, ~0.3-0.6 ms for a
-    576-token row); torch's cast is vectorised (~10x faster), so a writable float16 array goes
-    through torch (a read-only one would make torch warn; numpy casts those)."""
-    if a.dtype == np.float16 and a.flags.writeable and a.flags.c_contiguous:
+    """A float32 copy. numpy casts float16 one value at a time (~2 ns each, ~0.3 ms for a 576-token
+    row); torch's cast is vectorised (F16C), ~5x faster even in chunks, so a writable float16 array
+    goes through torch (a read-only one would make torch warn; numpy casts those)."""
+    if a.dtype == np.float16 and a.flags.writeable and a.flags.c_contiguous and a.ndim == 1:
         import torch
 
-        return torch.from_numpy(a).float().numpy()
+        src = torch.from_numpy(a)
+        out = torch.empty(src.numel(), dtype=torch.float32)
+        for start in range(0, src.numel(), _CAST_CHUNK):
+            out[start:start + _CAST_CHUNK].copy_(src[start:start + _CAST_CHUNK])
+        return out.numpy()
     return a.astype(np.float32)
 
 
