@@ -144,8 +144,8 @@ def SAMPLE(default: bool) -> Key:
 
 #: ``temperature``, ``top_k``, ``top_p``: the warpers of a sampling method, applied after its score.
 WARPERS = (Key("temperature", float, 1.0, "softmax temperature, applied after the score and the cutoff"),
-           Key("top_k", int, None, "keep the k best tokens (none: off; MedAlign's calls pass none, so "
-               "transformers 4.37's default top-k 50 applied there when sampling)", optional=True),
+           Key("top_k", int, None, "keep the k best tokens (none: off; see the method's notes for what "
+               "MedAlign's call passed)", optional=True),
            Key("top_p", float, None, "nucleus mass (none: off)", optional=True))
 
 
@@ -226,6 +226,7 @@ class Method:
             shown = (_show(next(iter(vals.values()))) if len(set(map(repr, vals.values()))) == 1
                      else ", ".join(f"{n}: {_show(v)}" for n, v in vals.items()))
             lines.append(f"  {k.name} ({k.type.__name__}{' or none' if k.optional else ''}, default {shown}): {k.help}")
+        lines.append("  (--max-new-tokens auto: " + ", ".join(f"{f.name}: {self.max_new_tokens(f)}" for f in families) + ")")
         if self.reference_notes.strip():
             lines += ["", "MedAlign's code: " + self.reference_notes.strip()]
         return "\n".join(lines)

@@ -3,6 +3,8 @@ with a non-zero W, questions of different lengths, pixels, and an independent W 
 no-cache references. Each method's reference loop itself lives in its own test file.
 
     from decoding_helpers import QUESTIONS, make_student, make_w_run, pixels, prompt_ids, rotated
+    from decoding_helpers import single_thread  # noqa: F401 - the fixture, used by pytestmark below
+    pytestmark = pytest.mark.usefixtures("single_thread")
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from student_train import inputs as I
@@ -23,6 +26,16 @@ QUESTIONS = ["Is there a mass?",
              "Where is the lesion located in the left upper lobe of the lung and is it a mass?",
              "CT?"]
 KEYS = ["10", "a11", "12"]
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for the module, restored after: the test models are tiny, and on a shared
+    2-core machine torch's worker threads spin against other processes (5x slower here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def make_student(path: Path, backbone: str = "llama", **shape) -> Path:
@@ -80,3 +93,38 @@ def rotated(model, w: torch.Tensor, layer: int, mask: torch.Tensor):
         yield
     finally:
         handle.remove()
+
+
+def full_logits(model, seq: list[int], n_prompt: int, px: torch.Tensor | None, image_token_id: int,
+                rotation: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """Last-position fp32 logits of ONE full forward (no cache, no padding) over ``seq`` (prompt +
+    answer so far), independently of evaluation.decoding: the image features of ``px`` [1, 3, S, S]
+    go into the PROMPT's image positions (an image token id the model generated stays a token),
+    ``px=None`` reads the sequence as text only; ``rotation = (W, layer)`` rotates the prompt's image
+    positions with :func:`rotated`."""
+    ids = torch.tensor([seq])
+    emb = model.get_input_embeddings()(ids)
+    mask = ids == image_token_id
+    mask[:, n_prompt:] = False
+    if px is not None and bool(mask.any()):
+        feats = model.model.get_image_features(pixel_values=px, return_dict=True).pooler_output[0]
+        emb = emb.clone()
+        emb[mask] = feats.to(emb.dtype)
+    ctx = rotated(model, *rotation, mask) if rotation is not None else contextlib.nullcontext()
+    with ctx:
+        out = model(inputs_embeds=emb, attention_mask=torch.ones_like(ids), use_cache=False)
+    return out.logits[0, -1].float()
+
+
+def count_forwards(model):
+    """A context manager recording the sequence length of every language-model forward (a list)."""
+    @contextlib.contextmanager
+    def cm():
+        lengths: list[int] = []
+        h = model.model.language_model.register_forward_pre_hook(
+            lambda _m, _a, kw: lengths.append(int(kw["inputs_embeds"].shape[1])), with_kwargs=True)
+        try:
+            yield lengths
+        finally:
+            h.remove()
+    return cm()

@@ -16,6 +16,7 @@ from decoding_helpers import (
     make_w_run,
     pixels,
     prompt_ids,
+    single_thread,  # noqa: F401 - the fixture, used by pytestmark
 )
 from PIL import Image
 
@@ -26,6 +27,8 @@ from evaluation.cli import main
 from evaluation.decoding import base as B
 from shared.errors import MedAlignError
 from student_train import families as F
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
