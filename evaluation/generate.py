@@ -242,7 +242,8 @@ def run_generate(cfg: GenerateConfig, *, log: Callable[[str], None] = print, pro
                          trust_remote_code=cfg.trust_remote_code)
     log(f"model {mid} on {device} ({cfg.dtype}); template {gen.template.name} ({gen.template_source}); "
         f"{gen.num_image_tokens} image tokens; decoding {cfg.decoding.describe()}, "
-        f"max {cfg.decoding.max_new_tokens} new tokens ({family.name} default: {family.max_new_tokens}); "
+        f"max {cfg.decoding.max_new_tokens} new tokens "
+        f"({family.name} default: {cfg.decoding.method.max_new_tokens(family)}); "
         f"batch {cfg.batch_size}")
     bar = None
     if progress:
