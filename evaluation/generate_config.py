@@ -50,7 +50,8 @@ class DecodingConfig:
                                                                 "metavar": "KEY=VALUE"})
     """A key of the method (repeatable), e.g. --decoding-arg alpha=1 --decoding-arg sample=false."""
     max_new_tokens: str | int = AUTO
-    """Longest answer in tokens; ``auto``: the student family's (LLaVA-Med 1024, HuatuoGPT 128)."""
+    """Longest answer in tokens; ``auto``: the method's MedAlign value for the student family (beam,
+    greedy: LLaVA-Med 1024, HuatuoGPT 128; --help-decoding NAME shows a method's)."""
     seed: int = 0
     """Sampling seed; each question draws from its own stream, seeded by this and its id."""
     params: dict | None = field(default=None, metadata={"cli": False})
