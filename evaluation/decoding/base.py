@@ -56,8 +56,9 @@ Pieces:
   (keep/reorder/repeat rows: beams); ``truncate(length)`` (drop cached positions: rollback);
   ``length``; ``last`` (the last forward's output); extra keyword arguments go to the model
   (``output_hidden_states=True``...).
-* Scores (in :mod:`evaluation.decoding.scores`, importable from here): :func:`plausible` (the adaptive plausibility cutoff from the main branch's RAW logits at
-  T = 1: tokens with ``l < log(beta) + max l`` get -inf), :func:`contrast` ``(1 + a) l - a l'``,
+* Scores (in :mod:`evaluation.decoding.scores`, importable from here): :func:`plausible` (the
+  adaptive plausibility cutoff from the main branch's RAW logits at T = 1: tokens with
+  ``l < log(beta) + max l`` get -inf), :func:`contrast` ``(1 + a) l - a l'``,
   :func:`warp` (temperature, then top-k, then top-p; ``None`` = off), :func:`log_probs`.
 * :class:`RowSampler` ``(seeds, sample)``: ``sample=False`` -> argmax of the final scores; else one
   draw per row from ``softmax(scores)`` with that row's own ``torch.Generator`` (a batch draws what
@@ -65,7 +66,12 @@ Pieces:
 * :func:`run_steps` ``(ctx, first, branches, score, pick)``: the generic loop. ``score(t, logits)``
   gets every branch's logits and returns the final scores [B, V]; the picked token is fed to every
   branch; a row stops at its first EOS (the finished rows are fed ``pad_id``); stops when all rows
-  stopped or after ``max_new_tokens``.
+  stopped or after ``max_new_tokens``. A method with its own loop (beams, rollback) can still use
+  :class:`Answers` (per-row EOS bookkeeping).
+
+``decode`` runs under ``torch.inference_mode`` (:func:`evaluation.generate.generate_ids`). Tests:
+``tests/evaluation/decoding_helpers.py`` (a tiny student, a run with a non-zero W, ``full_logits``
+for the no-cache references, ``count_forwards``, the ``single_thread`` fixture).
 """
 
 from __future__ import annotations
