@@ -3,8 +3,8 @@
 A random-weight student is saved with :func:`student_train.tiny.save_tiny_llava` and loaded through
 the real path (:func:`evaluation.generate.load_generator`); the questions (different lengths, so the
 batches are really left-padded) are answered with :func:`evaluation.generate.generate_ids`, every
-answer forced to exactly ``--new-tokens`` tokens (``min_new_tokens``) so that both batch sizes do
-the same work. Image preprocessing is done once beforehand and not timed. One warm-up batch per
+answer forced to exactly ``--new-tokens`` tokens (the end-of-answer id is set to one outside the
+vocabulary, so no answer stops early) so that both batch sizes do the same work. Image preprocessing is done once beforehand and not timed. One warm-up batch per
 batch size; then the whole question set is answered ``--repeats`` times per batch size,
 interleaved, and the median time is reported.
 
@@ -20,7 +20,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,16 +51,6 @@ QUESTIONS = [
 ]
 
 
-@dataclass
-class FixedLength(DecodingConfig):
-    """Greedy decoding that always generates exactly ``max_new_tokens`` tokens."""
-
-    def generate_kwargs(self):
-        kw = super().generate_kwargs()
-        kw["min_new_tokens"] = kw["max_new_tokens"]
-        return kw
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="medium")
@@ -83,7 +72,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.questions)]
     pixels = torch.randn(args.questions, 3, size, size, generator=g)
-    dec = FixedLength(mode="greedy", max_new_tokens=args.new_tokens)
+    gen.eos_ids = [len(gen.tokenizer) + 1]  # never generated: every answer has exactly --new-tokens tokens
+    dec = DecodingConfig(mode="greedy", max_new_tokens=args.new_tokens)
 
     def run(bs: int) -> float:
         if args.device.startswith("cuda"):
@@ -91,7 +81,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for s in range(0, len(qs), bs):
             out = generate_ids(gen, qs[s:s + bs], pixels[s:s + bs], dec)
-            assert all(len(o) <= args.new_tokens for o in out)
+            assert all(len(o) == args.new_tokens for o in out)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - t0

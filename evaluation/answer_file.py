@@ -107,7 +107,8 @@ def model_id(model_dir: str | Path, run_dir: str | Path | None) -> str:
 
 
 def run_metadata(cfg: GenerateConfig, template: str) -> dict[str, Any]:
-    """The ``metadata`` written on every line: decoding, adapter, teacher identity, template, ..."""
+    """The ``metadata`` written on every line: the decoding method and its resolved ``decoding_args``
+    (every key), adapter, teacher identity, template, ..."""
     return {
         **cfg.decoding.to_json(),
         "adapter": None if cfg.adapter is None else str(Path(cfg.adapter).resolve()),
@@ -119,8 +120,8 @@ def run_metadata(cfg: GenerateConfig, template: str) -> dict[str, Any]:
 
 
 #: Metadata keys that must agree between a resumed file and the current run.
-_RESUME_KEYS = ("decoding", "max_new_tokens", "num_beams", "top_p", "temperature", "seed", "adapter",
-                "template", "closed_suffix", "dtype")
+_RESUME_KEYS = ("decoding", "decoding_args", "max_new_tokens", "seed", "adapter", "template", "closed_suffix",
+                "dtype")
 
 
 def _check_resumable(path: Path, first: dict | None, mid: str, meta: dict) -> None:

@@ -72,7 +72,7 @@ def run_pipeline(out: Path, images: int = 24, steps: int = 120) -> dict[str, Pat
         preds = out / "runs" / name / "preds.jsonl"
         _run("medalign-eval", "generate", "--model", student, "--adapter", run_dir, "--data", data["test"],
              "--image-root", data["images"], "--out", preds, "--batch-size", "8",
-             "--decoding", "beam", "--num-beams", "5", "--max-new-tokens", "8", log=log)  # the paper's decoding
+             "--decoding", "beam", "--decoding-arg", "num_beams=5", "--max-new-tokens", "8", log=log)  # the paper's decoding
         metrics[name] = out / "runs" / name / "metrics.json"
         _run("medalign-eval", "score", "--pred", preds, "--gt", data["test"], "--task", "vqa", "--out",
              metrics[name], log=log)

@@ -2,7 +2,8 @@
 
 * :func:`resolve_template`: the prompt template of a run / model.
 * :func:`load_generator` -> :class:`Generator` (model, tokenizer, image processor, template, stop ids).
-* :func:`generate_ids` / :func:`generate_answers`: one batch, LEFT-padded (:func:`left_pad`).
+* :func:`generate_ids` / :func:`generate_answers`: one batch, LEFT-padded (:func:`left_pad`), decoded
+  by a method of :mod:`evaluation.decoding` (``--decoding NAME``).
 * :func:`run_generate`: the ``generate`` command (settings: :mod:`evaluation.generate_config`;
   questions: :mod:`evaluation.questions`; the resumable answer file: :mod:`evaluation.answer_file`).
 
@@ -19,7 +20,6 @@ attention mask, so a padded row computes what it computes alone.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,13 +27,15 @@ from typing import Any, Callable
 import torch
 
 from evaluation.answer_file import append_lines, check_first_line, model_id, prepare_output, run_metadata
+from evaluation.decoding.base import DecodeContext, left_pad, question_seed
+from evaluation.decoding.plain import PerQuestionSampler  # noqa: F401 - re-exported (tests, older callers)
 from evaluation.generate_config import DecodingConfig, GenerateConfig
 from evaluation.questions import Question, load_questions
 from shared.errors import MedAlignError
 from shared.images import mean_colour, resolve_image_path
 from shared.records import read_json
 from shared.runtime import resolve_device, torch_dtype
-from student_train.families import student_family
+from student_train.families import DEFAULT_FAMILY, FAMILIES, StudentFamily, student_family
 from student_train.inputs import encode_prompt, student_pixels
 from student_train.templates import PromptTemplate, get_template, template_for_model
 
@@ -100,6 +102,8 @@ class Generator:
     add_bos: bool
     device: torch.device
     dtype: torch.dtype
+    family: StudentFamily = FAMILIES[DEFAULT_FAMILY]
+    """The student's family (the decoding methods' family-dependent defaults)."""
 
     @property
     def background(self) -> tuple[int, int, int]:
@@ -137,19 +141,7 @@ def load_generator(model_dir: str | Path, run_dir: str | Path | None = None, *, 
     if not eos_ids:
         raise MedAlignError(f"{model_dir}: the tokenizer has no EOS token; answers would never end")
     return Generator(model, tokenizer, processor, tmpl, src, int(cfg.image_token_id), num_image_tokens(model),
-                     int(pad_id), eos_ids, adds_bos(tokenizer), device, dtype)
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """LEFT-pad token id lists: ``input_ids`` [B, T] (pad id) and ``attention_mask`` [B, T] (0 on padding)."""
-    t = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(seqs), t), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, t - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, t - len(s):] = 1
-    return ids, mask
+                     int(pad_id), eos_ids, adds_bos(tokenizer), device, dtype, student_family(model_dir))
 
 
 def _clean(text: str, stop_str: str) -> str:
@@ -158,77 +150,25 @@ def _clean(text: str, stop_str: str) -> str:
     return text.strip()
 
 
-def question_seed(seed: int, key: str) -> int:
-    """The sampling seed of one question: a function of ``--seed`` and the question's id only, so a
-    question draws the same tokens whatever batch it is in and wherever a run was resumed."""
-    digest = hashlib.sha256(f"{int(seed)}:{key}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-class PerQuestionSampler:
-    """Nucleus sampling with one random stream per batch row (a transformers logits processor).
-
-    Each step, row i's scores are divided by ``temperature``, cut to the smallest set of tokens
-    whose probability reaches ``top_p`` (at least one token; transformers' ``TopPLogitsWarper``
-    rule), and one token is drawn with row i's own ``torch.Generator``; the returned scores are
-    ``-inf`` except at that token, so ``generate``'s greedy step takes it. Rows never share random
-    numbers, so a batch gives each question the tokens it gets alone.
-    """
-
-    def __init__(self, seeds: list[int], top_p: float, temperature: float):
-        self.seeds, self.top_p, self.temperature = list(seeds), float(top_p), float(temperature)
-        self.generators: list[torch.Generator] | None = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.generators is None:
-            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
-        logits = scores.float() / self.temperature
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cumulative <= (1 - self.top_p)
-        remove_sorted[..., -1] = False  # keep at least the most likely token
-        remove = remove_sorted.scatter(1, order, remove_sorted)
-        probs = logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
-        out = torch.full_like(scores, float("-inf"))
-        for i, g in enumerate(self.generators):
-            token = torch.multinomial(probs[i], 1, generator=g)
-            out[i, token] = 0.0
-        return out
-
-
 @torch.inference_mode()
 def generate_ids(gen: Generator, questions: list[str], pixels: torch.Tensor, decoding: DecodingConfig,
                  *, keys: list[str] | None = None) -> list[list[int]]:
-    """Answer a batch: ``questions`` (B strings) about ``pixels`` [B, 3, S, S], LEFT-padded, one
-    ``generate`` call. Sampling draws per question (:func:`question_seed` of ``decoding.seed`` and
-    the question's key: ``keys``, default the question text).
+    """Answer a batch: ``questions`` (B strings) about ``pixels`` [B, 3, S, S], LEFT-padded, with the
+    decoding method of ``decoding`` (:mod:`evaluation.decoding`; resolved for the student here if it
+    is not yet). Sampling (and any other randomness) draws per question: :func:`question_seed` of
+    ``decoding.seed`` and the question's key (``keys``, default the question text).
 
     Returns the B generated token id lists, cut at the first end-of-answer id (excluded).
     """
-    from transformers import LogitsProcessorList
-
+    decoding = decoding.resolved(gen.family)
     seqs = [encode_prompt(gen.tokenizer, gen.template, q, gen.image_token_id, gen.num_image_tokens,
                           add_bos=gen.add_bos)[0] for q in questions]
     input_ids, attention_mask = left_pad(seqs, gen.pad_id)
-    extra: dict[str, Any] = {}
-    if decoding.samples:
-        seeds = [question_seed(decoding.seed, k) for k in (keys if keys is not None else questions)]
-        extra["logits_processor"] = LogitsProcessorList(
-            [PerQuestionSampler(seeds, decoding.top_p, decoding.temperature)])
-    out = gen.model.generate(
-        input_ids=input_ids.to(gen.device),
-        attention_mask=attention_mask.to(gen.device),
-        pixel_values=pixels.to(gen.device, gen.dtype),
-        pad_token_id=gen.pad_id,
-        eos_token_id=gen.eos_ids,
-        **decoding.generate_kwargs(),
-        **extra,
-    )
-    result = []
-    for row in out[:, input_ids.shape[1]:].cpu().tolist():
-        cut = next((i for i, t in enumerate(row) if t in gen.eos_ids), len(row))
-        result.append(row[:cut])
-    return result
+    seeds = [question_seed(decoding.seed, k) for k in (keys if keys is not None else questions)]
+    ctx = DecodeContext(gen=gen, input_ids=input_ids.to(gen.device), attention_mask=attention_mask.to(gen.device),
+                        prompts=seqs, pixels=pixels.to(gen.device, gen.dtype), seeds=seeds,
+                        max_new_tokens=int(decoding.max_new_tokens), family=gen.family)
+    return decoding.method.decode(ctx, dict(decoding.params))
 
 
 def generate_answers(gen: Generator, questions: list[str], pixels: torch.Tensor, decoding: DecodingConfig,
@@ -301,9 +241,9 @@ def run_generate(cfg: GenerateConfig, *, log: Callable[[str], None] = print, pro
     gen = load_generator(cfg.model, cfg.adapter, template=cfg.template, dtype=torch_dtype(cfg.dtype), device=device,
                          trust_remote_code=cfg.trust_remote_code)
     log(f"model {mid} on {device} ({cfg.dtype}); template {gen.template.name} ({gen.template_source}); "
-        f"{gen.num_image_tokens} image tokens; decoding {cfg.decoding.mode}"
-        f"{f' ({cfg.decoding.num_beams} beams)' if cfg.decoding.mode == 'beam' else ''}, "
-        f"max {cfg.decoding.max_new_tokens} new tokens ({family.name} default: {family.max_new_tokens}); "
+        f"{gen.num_image_tokens} image tokens; decoding {cfg.decoding.describe()}, "
+        f"max {cfg.decoding.max_new_tokens} new tokens "
+        f"({family.name} default: {cfg.decoding.method.max_new_tokens(family)}); "
         f"batch {cfg.batch_size}")
     bar = None
     if progress:

@@ -1,7 +1,8 @@
 """The settings of ``medalign-eval generate``: how answers are decoded and the run around it.
 
-Torch-free, so the CLI builds its options from these dataclasses (``shared.cli.dataclass_options``:
-field docstrings are the help) without importing a model stack. ``auto`` values resolve per student
+Torch-free at import, so the CLI builds its options from these dataclasses (``shared.cli.dataclass_options``:
+field docstrings are the help) without importing a model stack; the decoding methods (their names,
+keys and defaults: :mod:`evaluation.decoding`) are read when a config is made or the choices listed. ``auto`` values resolve per student
 family (:mod:`student_train.families`) with :meth:`GenerateConfig.resolved`.
 """
 
@@ -9,46 +10,58 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from shared.errors import MedAlignError
 from shared.runtime import DTYPE_NAMES, check_device_flag, check_dtype_name
 from student_train.families import StudentFamily
 
-DECODINGS = ("beam", "greedy", "nucleus")
 CLOSED_SUFFIX_MODES = ("auto", "always", "never")
 #: ``--dtype auto`` / ``--max-new-tokens auto`` resolve per student family.
 AUTO = "auto"
 REQUIRED = {"required": True}
 
 
+class MethodChoices(Sequence):
+    """The registered decoding methods (:func:`evaluation.decoding.names`), read when first needed:
+    the choice list of ``--decoding`` without importing the model stack at import time."""
+
+    def _names(self) -> tuple[str, ...]:
+        from evaluation.decoding import names
+
+        return names()
+
+    def __getitem__(self, i):
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
 @dataclass
 class DecodingConfig:
-    """How answers are decoded (``model.generate`` settings)."""
+    """How answers are decoded: a method of :mod:`evaluation.decoding` and its arguments."""
 
-    mode: str = field(default="beam", metadata={"flag": "decoding", "choices": DECODINGS})
-    """beam (default, as the paper and the reference: num_beams, no sampling) | greedy (do_sample False,
-    1 beam; the reference's scripts report it too) | nucleus (sampling with top_p, temperature)."""
-    num_beams: int = 5
-    """Beams for --decoding beam."""
-    top_p: float = 0.9
-    """Nucleus mass for --decoding nucleus."""
-    temperature: float = 1.0
-    """Softmax temperature for --decoding nucleus."""
+    mode: str = field(default="beam", metadata={"flag": "decoding", "choices": MethodChoices()})
+    """The decoding method (beam: the paper's and the reference's default, 5 beams); see
+    --help-decoding NAME for a method's keys and defaults."""
+    args: tuple[str, ...] | dict = field(default=(), metadata={"flag": "decoding_arg", "multiple": True,
+                                                                "metavar": "KEY=VALUE"})
+    """A key of the method (repeatable), e.g. --decoding-arg alpha=1 --decoding-arg sample=false."""
     max_new_tokens: str | int = AUTO
-    """Longest answer in tokens; ``auto``: the student family's (LLaVA-Med 1024, HuatuoGPT 128)."""
+    """Longest answer in tokens; ``auto``: the method's MedAlign value for the student family (beam,
+    greedy: LLaVA-Med 1024, HuatuoGPT 128; --help-decoding NAME shows a method's)."""
     seed: int = 0
     """Sampling seed; each question draws from its own stream, seeded by this and its id."""
+    params: dict | None = field(default=None, metadata={"cli": False})
+    """Every key of the method, resolved for the student (:meth:`resolved`); None before."""
 
     def __post_init__(self):
-        if self.mode not in DECODINGS:
-            raise MedAlignError(f"unknown --decoding {self.mode!r}; valid: {', '.join(DECODINGS)}")
-        if int(self.num_beams) < 1:
-            raise MedAlignError(f"--num-beams must be >= 1, got {self.num_beams}")
-        if not 0 < float(self.top_p) <= 1:
-            raise MedAlignError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not float(self.temperature) > 0:
-            raise MedAlignError(f"--temperature must be > 0, got {self.temperature}")
+        from evaluation.decoding import get
+
+        method = get(self.mode)  # unknown method: the error lists the valid ones
+        self.args = method.parse(self.args)  # unknown key or bad value: the error lists the valid keys
         if self.max_new_tokens != AUTO:
             try:
                 self.max_new_tokens = int(self.max_new_tokens)
@@ -57,41 +70,51 @@ class DecodingConfig:
             if self.max_new_tokens < 1:
                 raise MedAlignError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
 
+    @property
+    def method(self):
+        """The registered :class:`~evaluation.decoding.base.Method`."""
+        from evaluation.decoding import get
+
+        return get(self.mode)
+
     def resolved(self, family: StudentFamily) -> "DecodingConfig":
-        """A copy with ``max_new_tokens: auto`` replaced by the family's value."""
-        if self.max_new_tokens != AUTO:
-            return self
-        return dataclasses.replace(self, max_new_tokens=family.max_new_tokens)
+        """A copy with every key of the method resolved for ``family`` (its defaults, then the given
+        values, checked) and ``max_new_tokens: auto`` replaced by the method's value for the family."""
+        n = self.max_new_tokens if self.max_new_tokens != AUTO else self.method.max_new_tokens(family)
+        params = self.params if self.params is not None else self.method.resolve(family, dict(self.args))
+        return dataclasses.replace(self, max_new_tokens=n, params=params)
+
+    def _require_resolved(self) -> dict[str, Any]:
+        if self.max_new_tokens == AUTO or self.params is None:
+            raise MedAlignError("the decoding settings must be resolved for the student first (DecodingConfig.resolved)")
+        return self.params
 
     def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``model.generate`` (only those the mode uses)."""
-        if self.max_new_tokens == AUTO:
-            raise MedAlignError("max_new_tokens 'auto' must be resolved for the student first (DecodingConfig.resolved)")
-        kw: dict[str, Any] = {"max_new_tokens": int(self.max_new_tokens)}
-        if self.mode == "greedy":
-            kw.update(do_sample=False, num_beams=1)
-        elif self.mode == "beam":
-            # no early_stopping, as the reference passes none: the model's generation config decides
-            # (transformers' default False: stop when no running beam can beat the finished ones)
-            kw.update(do_sample=False, num_beams=int(self.num_beams))
-        else:  # nucleus: drawn per question by evaluation.generate.PerQuestionSampler, which
-            # leaves one finite score per row, so generate's own step is greedy
-            kw.update(do_sample=False, num_beams=1)
-        return kw
+        """``model.generate`` keywords of a plain method (greedy, beam, nucleus)."""
+        params = self._require_resolved()
+        kwargs = getattr(self.method, "generate_kwargs", None)
+        if kwargs is None:
+            raise MedAlignError(f"--decoding {self.mode} does not decode through model.generate")
+        return {"max_new_tokens": int(self.max_new_tokens), **kwargs(params)}
 
     @property
     def samples(self) -> bool:
-        """Whether answers are sampled (then seeded per question)."""
-        return self.mode == "nucleus"
+        """Whether the answers depend on --seed (sampled, or a method's noise; then seeded per question)."""
+        return self.method.uses_seed(self._require_resolved())
 
     def to_json(self) -> dict[str, Any]:
-        """The settings that matter for the mode (written into every line's metadata)."""
-        d: dict[str, Any] = {"decoding": self.mode, "max_new_tokens": self.max_new_tokens}
-        if self.mode == "beam":
-            d["num_beams"] = int(self.num_beams)
-        if self.mode == "nucleus":
-            d.update(top_p=float(self.top_p), temperature=float(self.temperature), seed=int(self.seed))
+        """The settings that decide the answers (written into every line's metadata)."""
+        d: dict[str, Any] = {"decoding": self.mode, "decoding_args": dict(self._require_resolved()),
+                             "max_new_tokens": self.max_new_tokens}
+        if self.samples:
+            d["seed"] = int(self.seed)
         return d
+
+    def describe(self) -> str:
+        """``beam (num_beams=5, sample=false)`` for the log."""
+        args = ", ".join(f"{k}={'none' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+                         for k, v in self._require_resolved().items())
+        return f"{self.mode} ({args})" if args else self.mode
 
 
 @dataclass

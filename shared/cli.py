@@ -6,7 +6,9 @@ dataclasses are the single source of every option"): :func:`dataclass_options` t
 ``--field-name`` with the field's type, its default and, as help, the docstring written under the
 field. A field's ``metadata`` may add ``choices`` (a tuple), ``flag`` (the option's name when it is
 not the field's), ``required`` (shown as ``[required]``; the dataclass validates it), ``help`` (when the docstring is not the
-right help text) and ``cli: False`` (not an option, e.g. a nested config with its own options).
+right help text), ``multiple`` (a repeatable option, giving a tuple), ``metavar`` and ``cli: False`` (not an
+option, e.g. a nested config with its own options). ``choices`` may be a lazy sequence (read when the
+command parses or shows its help: :class:`LazyChoice`), e.g. names registered by plug-in modules.
 """
 
 from __future__ import annotations
@@ -103,6 +105,26 @@ def dataclass_options(*classes: type, exclude: tuple[str, ...] = ()) -> Callable
     return decorate
 
 
+class LazyChoice(click.Choice):
+    """A :class:`click.Choice` whose choices are read from a sequence when first needed, not when
+    the option is declared (so declaring the CLI imports nothing the choices come from)."""
+
+    def __init__(self, choices, case_sensitive: bool = True):
+        self._source = choices
+        self._cached: tuple | None = None
+        self.case_sensitive = case_sensitive
+
+    @property
+    def choices(self) -> tuple:  # type: ignore[override]
+        if self._cached is None:
+            self._cached = tuple(self._source)
+        return self._cached
+
+    @choices.setter
+    def choices(self, value) -> None:
+        self._source, self._cached = value, None
+
+
 def _option(f: dataclasses.Field, annotation: Any, doc: str) -> Callable:
     meta = f.metadata
     flag = "--" + meta.get("flag", f.name).replace("_", "-")
@@ -115,13 +137,17 @@ def _option(f: dataclasses.Field, annotation: Any, doc: str) -> Callable:
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=bool(default), help=help_text,
                             show_default=bool(default))
     if "choices" in meta:
-        click_type: Any = click.Choice(tuple(meta["choices"]))
+        choices = meta["choices"]
+        click_type: Any = click.Choice(choices) if isinstance(choices, (tuple, list)) else LazyChoice(choices)
     else:
         click_type = typ if typ in (int, float, str) else str
+    extra: dict[str, Any] = {"metavar": meta["metavar"]} if "metavar" in meta else {}
+    if meta.get("multiple"):
+        return click.option(flag, f.name, type=str, multiple=True, default=(), help=help_text, **extra)
     if meta.get("required") and default in ("", None):
         default = None
     return click.option(flag, f.name, type=click_type, default=default, help=help_text,
-                        show_default=default not in (None, ""))
+                        show_default=default not in (None, ""), **extra)
 
 
-__all__ = ["user_errors", "UserErrorGroup", "field_docs", "dataclass_options"]
+__all__ = ["user_errors", "UserErrorGroup", "field_docs", "dataclass_options", "LazyChoice"]

@@ -7,7 +7,9 @@ Both live inside an unmodified transformers ``LlavaForConditionalGeneration``:
   back to the hidden dtype). The visual positions are taken per sample from ``input_ids ==
   image_token_id`` by a forward pre-hook on the ``LlavaModel`` (so any batch size and any image
   offset work). A forward whose ``input_ids`` hold no image token (a decoding step of
-  ``generate``) is left untouched, as is a forward without ``input_ids``.
+  ``generate``) is left untouched, as is a forward without ``input_ids``, except inside
+  :func:`visual_positions`, which names the image positions of a forward fed ``inputs_embeds``
+  (a decoding method's branch that edits the embeddings: W applies exactly as at a plain prefill).
 * The attention capture is an attention function registered with transformers'
   ``AttentionInterface`` *and* ``AttentionMaskInterface`` (without the mask registration the mask
   silently arrives as ``None``) under :data:`ATTN_IMPL`. It returns the normal SDPA output for
@@ -24,7 +26,9 @@ and leaves it until its next call.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -78,6 +82,8 @@ class AlignState:
     query_mask: torch.Tensor | None = None
     attn: torch.Tensor | None = None
     attn_rows: torch.Tensor | None = None
+    embeds_mask: torch.Tensor | None = None
+    """[B, T] bool image positions for forwards WITHOUT ``input_ids`` (set by :func:`visual_positions`)."""
 
     def clear_outputs(self) -> None:
         self.rotated = None
@@ -287,7 +293,8 @@ def install(
         ids = kwargs.get("input_ids", args[0] if args else None)
         state.clear_outputs()
         if ids is None:
-            state.visual_mask = None
+            em = state.embeds_mask
+            state.visual_mask = em if em is not None and bool(em.any()) else None
             return None
         vm = ids == state.image_token_id
         state.visual_mask = vm if bool(vm.any()) else None
@@ -331,6 +338,23 @@ def install(
 
     object.__setattr__(base, "_medalign", handles)
     return handles
+
+
+@contextlib.contextmanager
+def visual_positions(model: nn.Module, mask: torch.Tensor | None) -> Iterator[None]:
+    """Inside, a forward fed ``inputs_embeds`` (no ``input_ids``) treats ``mask`` ([B, T] bool) as its
+    image positions: the rotation W acts on them exactly as on the ``input_ids == image_token_id``
+    positions of a plain prefill. A no-op for a model without the MedAlign modules."""
+    handles = get_handles(model)
+    if handles is None or mask is None:
+        yield
+        return
+    previous = handles.state.embeds_mask
+    handles.state.embeds_mask = mask.to(torch.bool)
+    try:
+        yield
+    finally:
+        handles.state.embeds_mask = previous
 
 
 def capture_attention(model: nn.Module, layer: int, *, input_ids: torch.Tensor, attention_mask: torch.Tensor,

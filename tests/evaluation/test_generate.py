@@ -174,16 +174,28 @@ def test_template_resolution(student, zero_run, tmp_path):
 def test_decoding_kwargs():
     from shared.errors import MedAlignError
 
-    assert C.DecodingConfig(mode="greedy", max_new_tokens=128).generate_kwargs() == {
+    fam = F.FAMILIES["llava-med"]
+    assert C.DecodingConfig(mode="greedy", max_new_tokens=128).resolved(fam).generate_kwargs() == {
         "max_new_tokens": 128, "do_sample": False, "num_beams": 1}
-    b = C.DecodingConfig(mode="beam", num_beams=3, max_new_tokens=8).generate_kwargs()
+    b = C.DecodingConfig(mode="beam", args={"num_beams": 3}, max_new_tokens=8).resolved(fam).generate_kwargs()
     assert b["num_beams"] == 3 and b["do_sample"] is False
-    nuc = C.DecodingConfig(mode="nucleus", top_p=0.8, temperature=0.7, max_new_tokens=8)
+    assert C.DecodingConfig(mode="beam", args=("num_beams=3",), max_new_tokens=8).resolved(fam).generate_kwargs() == b
+    nuc = C.DecodingConfig(mode="nucleus", args={"top_p": 0.8, "temperature": 0.7}, max_new_tokens=8).resolved(fam)
     # nucleus draws in G.PerQuestionSampler (one stream per question); generate's own step is greedy
     assert nuc.samples and nuc.generate_kwargs() == {"max_new_tokens": 8, "do_sample": False, "num_beams": 1}
-    for bad in (dict(mode="sample"), dict(top_p=0), dict(temperature=0), dict(num_beams=0)):
+    assert nuc.params == {"top_p": 0.8, "temperature": 0.7, "sample": True}
+    with pytest.raises(MedAlignError, match="unknown --decoding 'sample'; valid: greedy, beam, nucleus"):
+        C.DecodingConfig(mode="sample")
+    with pytest.raises(MedAlignError, match="unknown --decoding-arg 'top_p' for --decoding beam; valid: num_beams, sample"):
+        C.DecodingConfig(mode="beam", args=("top_p=0.9",))
+    with pytest.raises(MedAlignError, match="expected int"):
+        C.DecodingConfig(mode="beam", args=("num_beams=many",))
+    with pytest.raises(MedAlignError, match="not KEY=VALUE"):
+        C.DecodingConfig(mode="beam", args=("num_beams",))
+    for mode, bad in (("nucleus", dict(top_p=0)), ("nucleus", dict(temperature=0)), ("beam", dict(num_beams=0)),
+                      ("greedy", dict(sample=True))):
         with pytest.raises(MedAlignError):
-            C.DecodingConfig(**bad)
+            C.DecodingConfig(mode=mode, args=bad).resolved(fam)
 
 
 def test_defaults_are_the_reference_evaluation(tmp_path):
@@ -192,7 +204,8 @@ def test_defaults_are_the_reference_evaluation(tmp_path):
     from shared.errors import MedAlignError
 
     dec = C.DecodingConfig()
-    assert (dec.mode, dec.num_beams, dec.max_new_tokens) == ("beam", 5, "auto")
+    assert (dec.mode, dec.max_new_tokens) == ("beam", "auto")
+    assert dec.resolved(F.FAMILIES["huatuo"]).params == {"num_beams": 5, "sample": False}
     with pytest.raises(MedAlignError, match="resolved"):
         dec.generate_kwargs()
     for backbone, (tokens, half) in {"llama": (1024, "float16"), "mistral": (1024, "float16"),
@@ -231,9 +244,10 @@ def test_cli_defaults_write_beam_metadata(student, dataset, tmp_path):
                                     "--max-new-tokens", "6"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     meta = [json.loads(x)["metadata"] for x in out.read_text().splitlines()]
-    assert len(meta) == 2 and all(m["decoding"] == "beam" and m["num_beams"] == 5 and m["max_new_tokens"] == 6
-                                  and m["dtype"] == "float32" for m in meta)
-    assert "5 beams" in res.output and "llava-med default: 1024" in res.output
+    assert len(meta) == 2 and all(m["decoding"] == "beam" and m["decoding_args"] == {"num_beams": 5, "sample": False}
+                                  and m["max_new_tokens"] == 6 and m["dtype"] == "float32" and "seed" not in m
+                                  for m in meta)
+    assert "beam (num_beams=5, sample=false)" in res.output and "llava-med default: 1024" in res.output
 
 
 # --------------------------------------------------------------------------- generation
@@ -265,7 +279,7 @@ def test_batched_equals_one_by_one_beam(student, dataset):
     qs = ["Is there a mass?", "Where is the lesion located in the left upper lobe of the lung and is it a mass?",
           "CT?"]
     px = _pixels(gen, root, ["img0.png", "img1.png", "img2.png"])
-    dec = C.DecodingConfig(mode="beam", num_beams=5, max_new_tokens=12)
+    dec = C.DecodingConfig(mode="beam", args={"num_beams": 5}, max_new_tokens=12)
     batched = G.generate_ids(gen, qs, px, dec)
     single = [G.generate_ids(gen, [q], px[i:i + 1], dec)[0] for i, q in enumerate(qs)]
     assert batched == single and all(len(x) > 0 for x in batched)
@@ -347,12 +361,12 @@ def test_beam_and_nucleus_are_seeded(student, dataset):
     px = _pixels(gen, root, ["img0.png", "img1.png"])
 
     def nuc(seed):
-        return C.DecodingConfig(mode="nucleus", max_new_tokens=8, top_p=0.95, seed=seed)
+        return C.DecodingConfig(mode="nucleus", max_new_tokens=8, args={"top_p": 0.95}, seed=seed)
 
     a = G.generate_ids(gen, qs, px, nuc(5))
     assert a == G.generate_ids(gen, qs, px, nuc(5))
     assert any(G.generate_ids(gen, qs, px, nuc(s)) != a for s in (6, 7, 8))
-    beam = C.DecodingConfig(mode="beam", num_beams=3, max_new_tokens=8)
+    beam = C.DecodingConfig(mode="beam", args={"num_beams": 3}, max_new_tokens=8)
     assert G.generate_ids(gen, qs, px, beam) == G.generate_ids(gen, qs, px, beam)
 
 
@@ -365,7 +379,7 @@ def test_nucleus_batch_equals_one_by_one(student, dataset):
           "CT?"]
     keys = ["10", "a11", "12"]
     px = _pixels(gen, root, ["img0.png", "img1.png", "img2.png"])
-    dec = C.DecodingConfig(mode="nucleus", max_new_tokens=10, top_p=0.9, temperature=1.0, seed=3)
+    dec = C.DecodingConfig(mode="nucleus", max_new_tokens=10, args={"top_p": 0.9, "temperature": 1.0}, seed=3)
     batched = G.generate_ids(gen, qs, px, dec, keys=keys)
     single = [G.generate_ids(gen, [q], px[i:i + 1], dec, keys=[keys[i]])[0] for i, q in enumerate(qs)]
     assert batched == single
