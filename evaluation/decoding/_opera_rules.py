@@ -119,7 +119,11 @@ class Hypotheses:
 
     def best(self) -> list[int]:
         """The highest score (of equal scores, the one added last, as ``sorted(...).pop()``)."""
-        return sorted(self.items, key=lambda it: it[0])[-1][1]
+        best = self.items[0]
+        for item in self.items[1:]:
+            if item[0] >= best[0]:
+                best = item
+        return best[1]
 
 
 def select_beams(scores: torch.Tensor, tokens_so_far: torch.Tensor, hyps: Hypotheses, eos_ids: list[int],
@@ -132,10 +136,10 @@ def select_beams(scores: torch.Tensor, tokens_so_far: torch.Tensor, hyps: Hypoth
     ranked within K finishes its beam (added to ``hyps``); the first K others continue. Sets
     ``hyps.done``. Returns (beam scores [K], tokens [K], source beams [K]).
     """
-    k_beams, vocab = scores.shape
+    vocab = scores.shape[1]
     flat = scores.reshape(-1)
     top_scores, top_idx = torch.topk(flat, min(flat.numel(), (1 + len(eos_ids)) * num_beams), sorted=True)
-    eos = set(int(e) for e in eos_ids)
+    eos = {int(e) for e in eos_ids}
     n = tokens_so_far.shape[1]
     new_scores, new_tokens, new_beams = [], [], []
     for rank, (s, i) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):

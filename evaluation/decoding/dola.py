@@ -24,13 +24,22 @@ costs one forward plus |J| one-position ``lm_head`` products.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
 
 from evaluation.decoding import register
-from evaluation.decoding.base import SAMPLE, WARPERS, Branch, DecodeContext, Key, Method, run_steps, warp
+from evaluation.decoding.base import (
+    SAMPLE,
+    WARPERS,
+    Branch,
+    DecodeContext,
+    Key,
+    Method,
+    run_steps,
+    warp,
+)
 from shared.errors import MedAlignError
 from student_train.alignment import decoder_layers
 
@@ -120,7 +129,7 @@ class LayerTap:
         self._handles: list[Any] = []
         self._model = model
 
-    def __enter__(self) -> "LayerTap":
+    def __enter__(self) -> Self:
         decs = decoder_layers(self._model)
         for j in self.layers:
             if j == 0:
