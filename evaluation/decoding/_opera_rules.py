@@ -132,13 +132,15 @@ def select_beams(scores: torch.Tensor, tokens_so_far: torch.Tensor, hyps: Hypoth
 
     scores: [K, V] accumulated log-probabilities (beam score + this step's); tokens_so_far: [K, n].
     Takes the best ``(1 + number of EOS ids) * K`` continuations (2K with one EOS id, the authors'
-    count; enough that K of them never end); an EOS continuation ranked below K is skipped, one
+    count; enough that K of them never end; equal scores by index); an EOS continuation ranked below K is skipped, one
     ranked within K finishes its beam (added to ``hyps``); the first K others continue. Sets
     ``hyps.done``. Returns (beam scores [K], tokens [K], source beams [K]).
     """
     vocab = scores.shape[1]
     flat = scores.reshape(-1)
-    top_scores, top_idx = torch.topk(flat, min(flat.numel(), (1 + len(eos_ids)) * num_beams), sorted=True)
+    keep = min(flat.numel(), (1 + len(eos_ids)) * num_beams)
+    # a stable sort: equal scores (the -999 fills) go by index on every device, as topk does not promise
+    top_scores, top_idx = (t[:keep] for t in torch.sort(flat, descending=True, stable=True))
     eos = {int(e) for e in eos_ids}
     n = tokens_so_far.shape[1]
     new_scores, new_tokens, new_beams = [], [], []

@@ -21,6 +21,15 @@ from student_train import families as F
 MAX_NEW = 10
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny-model forwards gain nothing from intra-op threads and lose much on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def gen(tmp_path_factory):
     return load_generator(make_student(tmp_path_factory.mktemp("dola") / "llama"))
