@@ -42,10 +42,13 @@ from evaluation.decoding.base import (
 )
 from shared.errors import MedAlignError
 from student_train.alignment import decoder_layers
+from student_train.families import StudentFamily
 
 #: MedAlign's candidate early layers for both families (32-layer LLaVA-Med, 28-layer HuatuoGPT).
 MEDALIGN_LAYERS = (0, 2, 4, 6, 8, 10, 12, 14)
 AUTO = "auto"
+#: MedAlign's DoLa calls pass max_new_tokens=1024 for both families.
+MAX_NEW_TOKENS = 1024
 
 
 # --------------------------------------------------------------------------- the maths
@@ -179,7 +182,7 @@ class DoLa(Method):
         "the last position goes through lm_head (hooks on the decoder layers).")
     reference_notes = (
         "MedAlign calls the fork's DoLa with candidate layers [0, 2, ..., 14] and mature layer 32 "
-        "(LLaVA-Med) / 28 (HuatuoGPT), relative_top 0.1, no repetition penalty (the DoLa authors' "
+        "(LLaVA-Med) / 28 (HuatuoGPT), relative_top 0.1, 1024 new tokens for both, no repetition penalty (the DoLa authors' "
         "scripts use 1.2: repetition_penalty=1.2), and passes top_p=0.95, top_k=0, temperature=0.9 "
         "without do_sample, so the greedy DoLa path runs and those three are unused (unless the "
         "model's generation config samples). The authors' code picks one early layer for the whole "
@@ -206,6 +209,9 @@ class DoLa(Method):
             raise MedAlignError(f"dola: mature must be >= 1, got {args['mature']}")
         if args["layers"].strip().lower() != AUTO:
             parse_layers(args["layers"], 10 ** 6)  # the syntax now; the range once the model is known
+
+    def max_new_tokens(self, family: StudentFamily) -> int:
+        return MAX_NEW_TOKENS
 
     def plan(self, model: torch.nn.Module, args: dict[str, Any]) -> tuple[int, list[int]]:
         """(mature layer, candidate early layers) for ``model``, checked against its depth."""

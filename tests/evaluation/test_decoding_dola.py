@@ -124,6 +124,7 @@ def test_keys_and_checks():
         args = m.resolve(fam, {})
         assert (args["alpha"], args["layers"], args["mature"], args["repetition_penalty"], args["sample"]) == \
             (0.1, "auto", None, 1.0, False)
+        assert m.max_new_tokens(fam) == 1024  # MedAlign's DoLa calls, both families
     for bad in ({"alpha": 1.0}, {"repetition_penalty": 0}, {"mature": 0}, {"layers": "1,x"}):
         with pytest.raises(MedAlignError):
             m.resolve(F.FAMILIES["llava-med"], bad)
