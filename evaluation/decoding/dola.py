@@ -147,7 +147,7 @@ class LayerTap:
         self._handles.clear()
 
     def _keep(self, j: int, hidden: torch.Tensor) -> None:
-        self.states[j] = hidden[:, -1].detach()
+        self.states[j] = hidden[:, -1].detach().clone()  # not a view: the [B, T, d] prefill state is freed
 
     def _pre_hook(self, j: int):
         def hook(_module, args, kwargs):
@@ -199,6 +199,10 @@ class DoLa(Method):
         Key("repetition_penalty", float, 1.0, "transformers' repetition penalty on the scores (1: none)"),
         SAMPLE(False), *WARPERS)
 
+    def __init__(self) -> None:
+        self.chosen: list[list[int]] = []
+        """The early layer each question chose at each step in the last :meth:`decode` (diagnostics, tests)."""
+
     def check(self, args: dict[str, Any]) -> None:
         super().check(args)
         if not 0 <= args["alpha"] < 1:
@@ -234,7 +238,7 @@ class DoLa(Method):
                 seen[i, torch.tensor(p, dtype=torch.long, device=ctx.device)] = True
         rows = torch.arange(ctx.batch, device=ctx.device)
         sampler = ctx.sampler(args["sample"])
-        self.chosen: list[list[int]] = [[] for _ in range(ctx.batch)]
+        self.chosen = [[] for _ in range(ctx.batch)]
         tapped = early + ([mature] if mature < depth else [])
 
         with LayerTap(model, tapped) as tap:

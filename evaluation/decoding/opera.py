@@ -230,6 +230,10 @@ class Opera(Method):
             "for the model's dtype, stored in float16) | float32"),
         SAMPLE(False))
 
+    def __init__(self) -> None:
+        self.rollbacks: list[int] = []
+        """The rollbacks each question of the last :meth:`decode` took (diagnostics; the tests read it)."""
+
     def defaults(self, family: StudentFamily) -> dict[str, Any]:
         out = super().defaults(family)
         out.update(FAMILY_DEFAULTS.get(family.name, {}))
@@ -254,8 +258,7 @@ class Opera(Method):
                                 f"{args['score_dtype']!r}")
 
     def decode(self, ctx: DecodeContext, args: dict[str, Any]) -> list[list[int]]:
-        self.rollbacks: list[int] = []
-        """Rollbacks taken per question in the last call (diagnostics, tests)."""
+        self.rollbacks = []
         out = []
         with last_layer_capture(ctx.model) as cap:
             for i in range(ctx.batch):
