@@ -92,7 +92,7 @@ class AVISC(Method):
         "(one question's statistics); a negative branch with every non-blind image embedding zeroed; "
         "(1 + alpha) l - alpha l_neg with the beta cutoff, sampling at T = 1.")
     reference_notes = (
-        "The same method and defaults (alpha 1, beta 0.1, gamma 0.5, lambda 1, zeros, T 1; top_k=None and "
+        "the same method and defaults (alpha 1, beta 0.1, gamma 0.5, lambda 1, zeros, T 1; top_k=None and "
         "top_p=1 are passed, so no warper), but: the image tokens are hard-coded as positions 34..610; the "
         "mean and std and the layer shares are taken over the whole batch and the masked indices of all "
         "rows are merged (batch size 1 there); the NaN fallback replaces the whole batch's negative "

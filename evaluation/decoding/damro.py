@@ -102,7 +102,7 @@ class DAMRO(Method):
         "a negative branch whose prompt holds only those K image features; (1 + alpha) l - alpha l_out "
         "with the beta cutoff, sampling at T = 1.")
     reference_notes = (
-        "MedAlign's variant (clip_encoder.get_damro_mask_idx) ranks the patches by the LAST vision layer's "
+        "its own variant (clip_encoder.get_damro_mask_idx) ranks the patches by the LAST vision layer's "
         "CLS attention averaged over heads and zeroes the other image embeddings in place (the prompt keeps "
         "its 576 positions); but its forward resets the mask (self.damro_mask_idx = None whenever "
         "inputs_embeds are given, which generate always does), so its negative branch is the main branch "

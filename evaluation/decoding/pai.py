@@ -73,7 +73,7 @@ class PAI(Method):
         "plus guidance against the text-only prompt, gamma (l_c - l_u) + l_u on log-probabilities with "
         "the beta cutoff; greedy.")
     reference_notes = (
-        "MedAlign's model_vqa.py calls llama_modify(..., use_attn=True, use_cfg=True), and the boost only "
+        "model_vqa.py calls llama_modify(..., use_attn=True, use_cfg=True), and the boost only "
         "applies while use_cfg is False: the flag is True until the guidance processor's first call "
         "resets it, so the main prefill (the first answer token) runs without the boost and the later "
         "steps with it. Its text-only prompt is BOS + the bare question (init_cfg_processor gets "
