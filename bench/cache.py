@@ -18,7 +18,8 @@ Read checks (issue 15): random reads/s of this tree's reader (per-chunk crc32c /
 value checks) on a cache it wrote, against the reader of ``--baseline-rev`` (default ``f1a668c``, the
 last commit before the checks; checked out into a temporary git worktree) on a cache in that
 commit's layout (no chunk checksums, no manifest checksum), same matrices, same rows, alternating
-``--rounds`` times; zarr and HDF5.
+``--rounds`` times; zarr and HDF5. Also this tree's reader with everything off (the old-layout
+cache, value checks off), which isolates what the checks themselves cost.
 
 The pickle below exists only to measure the reference's file size: it is written, never loaded.
 """
@@ -96,7 +97,8 @@ _READ = r"""
 import sys, time, os, numpy as np, psutil
 sys.path.insert(0, os.getcwd())
 from shared.cache import open_cache
-r = open_cache(sys.argv[1]); rows = len(r); rng = np.random.default_rng(1)
+r = open_cache(sys.argv[1]) if sys.argv[3] == "1" else open_cache(sys.argv[1], check_values=False)
+rows = len(r); rng = np.random.default_rng(1)
 order = rng.integers(0, rows, int(sys.argv[2]))
 r.read(0)
 t0 = time.perf_counter()
@@ -106,10 +108,11 @@ print(len(order) / dt, psutil.Process(os.getpid()).memory_info().rss)
 """
 
 
-def _read_bench(cache: Path, reads: int, repo: Path = REPO) -> tuple[float, int]:
-    """Random reads/s and RSS of a fresh process reading ``cache`` with the reader of ``repo``."""
-    out = subprocess.run([sys.executable, "-c", _READ, str(cache), str(reads)], capture_output=True, text=True,
-                         check=True, cwd=repo)
+def _read_bench(cache: Path, reads: int, repo: Path = REPO, checks: bool = True) -> tuple[float, int]:
+    """Random reads/s and RSS of a fresh process reading ``cache`` with the reader of ``repo``
+    (``checks=False``: this tree's reader with its value checks off)."""
+    out = subprocess.run([sys.executable, "-c", _READ, str(cache), str(reads), "1" if checks else "0"],
+                         capture_output=True, text=True, check=True, cwd=repo)
     rate, rss = out.stdout.split()
     return float(rate), int(rss)
 
@@ -139,14 +142,17 @@ def _read_checks(work: Path, sims, attns, args) -> dict:
             if not check_structure(new).ok:
                 raise RuntimeError(f"the benchmark's own cache {new} fails its structural checks")
             res[f"structure_check_ms_{fmt}"] = 1e3 * (time.perf_counter() - t0)  # what medalign-train adds
-            today, checked = [], []
+            today, checked, unchecked = [], [], []
             for _ in range(args.rounds):
                 today.append(_read_bench(old, args.reads, base_repo)[0])
                 checked.append(_read_bench(new, args.reads)[0])
+                unchecked.append(_read_bench(old, args.reads, checks=False)[0])  # this tree, no checks at all
             res[f"reads_s_{fmt}_baseline"] = median(today)
             res[f"reads_s_{fmt}_checked"] = median(checked)
             res[f"reads_{fmt}_checked_vs_baseline"] = median(checked) / median(today)
-            res[f"reads_s_{fmt}_rounds"] = {"baseline": today, "checked": checked}
+            res[f"reads_s_{fmt}_unchecked"] = median(unchecked)
+            res[f"reads_{fmt}_checked_vs_unchecked"] = median(checked) / median(unchecked)  # the checks' own cost
+            res[f"reads_s_{fmt}_rounds"] = {"baseline": today, "checked": checked, "unchecked": unchecked}
             shutil.rmtree(old)
             shutil.rmtree(new)
     finally:
