@@ -6,8 +6,9 @@ Both live inside an unmodified transformers ``LlavaForConditionalGeneration``:
   the hidden states of the visual positions by ``X~ = X + eps * X W^T`` (computed in fp32, cast
   back to the hidden dtype). The visual positions are taken per sample from ``input_ids ==
   image_token_id`` by a forward pre-hook on the ``LlavaModel`` (so any batch size and any image
-  offset work). A forward whose ``input_ids`` hold no image token (a decoding step of
-  ``generate``) is left untouched, as is a forward without ``input_ids``, except inside
+  offset work). A forward whose ``input_ids`` hold no image token, or whose KV cache already holds
+  positions (a decoding step, even one that generated the image token id), is left untouched, as is
+  a forward without ``input_ids``, except inside
   :func:`visual_positions`, which names the image positions of a forward fed ``inputs_embeds``
   (a decoding method's branch that edits the embeddings: W applies exactly as at a plain prefill).
 * The attention capture is an attention function registered with transformers'
@@ -295,6 +296,12 @@ def install(
         if ids is None:
             em = state.embeds_mask
             state.visual_mask = em if em is not None and bool(em.any()) else None
+            return None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 calls it ``cache``
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            # a decoding step: its tokens were generated, and a generated image token id is a token,
+            # not an image position (the prompt's image positions were rotated at the prefill)
+            state.visual_mask = None
             return None
         vm = ids == state.image_token_id
         state.visual_mask = vm if bool(vm.any()) else None

@@ -193,6 +193,31 @@ def test_rotation_applied_at_prefill_only(tiny_llama_dir, tiny_make_batch):
     hook.remove()
 
 
+def test_a_generated_image_token_is_not_rotated(tiny_llama_dir, tiny_make_batch):
+    """The image positions come from the prompt, never from the growing sequence: a decoding step
+    (a forward with a filled cache) whose one new token is the image token id is not rotated."""
+    from transformers import DynamicCache
+
+    model, _ = prepared(tiny_llama_dir, w_std=0.2)
+    model.eval()
+    handles = get_handles(model)
+    calls = []
+    hook = handles.rotation.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    batch = tiny_make_batch(model, [26], [1])
+    ids = batch["input_ids"][:, :24]
+    image_id = int(model.config.image_token_id)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=batch["pixel_values"],
+              past_key_values=cache, use_cache=True)
+        assert calls == [16]
+        step = torch.tensor([[image_id]])
+        model(input_ids=step, attention_mask=torch.ones(1, 25, dtype=torch.long), past_key_values=cache,
+              use_cache=True)
+    assert calls == [16], "a decoding step's generated image token was rotated"
+    hook.remove()
+
+
 def test_save_and_load_trained_round_trip(tiny_qwen2_dir, tiny_make_batch, tmp_path):
     model, align = prepared(tiny_qwen2_dir, w_std=0.05, b_std=0.05, train_projector=True)
     with torch.no_grad():
