@@ -377,7 +377,8 @@ class RadGraphModel:
                 rel = torch.cat([rel.new_zeros(*rel.shape[:2], 1), rel], -1)
                 labels[r0:r0 + rows] = rel.max(-1)[1] - 1
         top_spans = [spans[i] for i in top.tolist()]
-        relations = tuple((*top_spans[i], *top_spans[j], s.relation_labels[int(labels[i, j])])
+        lab = labels.tolist()
+        relations = tuple((*top_spans[i], *top_spans[j], s.relation_labels[lab[i][j]])
                           for i, j in (labels >= 0).nonzero().tolist())
         return Annotation(tuple(tokens), entities, relations)
 
