@@ -19,36 +19,60 @@ from collections.abc import Callable
 
 from shared.errors import MedAlignError
 
-#: End of a sentence: a run of . ! ? (with closing quotes/brackets), whitespace, then a capital,
-#: a digit or an opening bracket/quote. A lower-case word after the period ("e.g. none",
-#: "L. lung") continues the sentence, as no whitespace does ("3.5 cm", "size.The").
-_BOUNDARY = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9(\[\"'])")
+#: A run of whitespace: the candidate sentence boundaries.
+_GAP = re.compile(r"\s+")
+#: Sentence-final punctuation attached to a word, then closing quotes/brackets, at the end.
+_END = re.compile(r"(\S*?)[.!?]+[\"')\]]*$")
+#: Abbreviations after which a lower-case word continues the sentence ("e.g. none", "dr. smith").
+_ABBREVIATIONS = frozenset({"e.g", "i.e", "dr", "mr", "mrs", "ms"})
 #: A list marker ("1.", "2)") is the start of the sentence that follows it, not a sentence.
 _LIST_MARKER = re.compile(r"\d{1,2}[.)]")
 
 
-def split_rules(text: str) -> list[str]:
-    """Sentences of ``text`` by punctuation rules (the fallback when medspacy is absent).
+def _ends_sentence(before: str, gap: str, after: str) -> bool:
+    if not after:
+        return False
+    if "\n" in gap and (after.isupper() or after.isdigit()):
+        return True
+    last = before.rsplit(None, 1)[-1] if before.strip() else ""
+    m = _END.fullmatch(last)
+    if m is None or not m.group(1):  # no final punctuation, or punctuation alone (" . ", "? x")
+        return False
+    if after.isupper() or after.isdigit() or after in "([\"'":
+        return True
+    word = m.group(1).lower()
+    return after.islower() and not (len(word) == 1 or word.isdigit() or word in _ABBREVIATIONS)
 
-    A sentence ends after ``.``, ``!`` or ``?`` followed by whitespace and a capital letter, a
-    digit or an opening bracket/quote; a bare list marker ("1.") is joined to the sentence after it.
-    Line breaks alone do not end a sentence (PyRuSH keeps "no effusion\\n\\nno pneumothorax"
-    together too). Where PyRuSH differs: it also ends sentences at some line breaks and section
-    headers by its own rules, and both split "Dr. Smith"."""
-    pieces = [p.strip() for p in _BOUNDARY.split(text)]
+
+def split_rules(text: str) -> list[str]:
+    """Sentences of ``text`` by punctuation rules (the fallback when medspacy is absent), written to
+    agree with PyRuSH on report text. A sentence ends at whitespace that follows ``.``, ``!`` or
+    ``?`` attached to a word (closing quotes/brackets may follow) when the next character is
+    - a capital, a digit or an opening bracket/quote, or
+    - a lower-case letter, unless the word before the period is a single letter ("l. lung"), a
+      number ("since 2010. there") or one of e.g., i.e., dr., mr., mrs., ms.;
+    and at a line break followed by a capital or a digit. No whitespace, no boundary ("3.5 cm",
+    "size.The"); a period standing alone (" . ", R2Gen-style text) ends nothing; a bare list marker
+    ("1.") is joined to the sentence after it. Known differences from PyRuSH: it keeps some
+    "?"/"!" sentences together, and splits or keeps a few abbreviations and numbers differently."""
     out: list[str] = []
     carry = ""
-    for piece in pieces:
-        if not piece:
+    start = 0
+    for gap in _GAP.finditer(text):
+        if not _ends_sentence(text[:gap.start()], gap.group(), text[gap.end():gap.end() + 1]):
             continue
+        piece = text[start:gap.start()].strip()
+        start = gap.end()
         piece = f"{carry} {piece}" if carry else piece
         carry = ""
         if _LIST_MARKER.fullmatch(piece):
             carry = piece
-            continue
+        elif piece:
+            out.append(piece)
+    piece = text[start:].strip()
+    piece = f"{carry} {piece}".strip() if carry else piece
+    if piece:
         out.append(piece)
-    if carry:
-        out.append(carry)
     return out
 
 

@@ -14,6 +14,7 @@ from evaluation.scoring.ratescore_text import (
     decode_strict,
     keep_sentences,
     make_splitter,
+    medspacy_available,
     split_rules,
 )
 
@@ -148,8 +149,25 @@ def test_rule_splitter_on_report_text():
     assert split_rules(text) == [
         "No acute cardiopulmonary process.", "Heart size is normal.", "Lungs are clear.",
         "1. No pneumothorax.", "2. Mild effusion, e.g. small.", "Stable 3.5 cm nodule.The end"]
+    # Lower-case text (as PyRuSH splits it): not after a single letter, a number or e.g./dr.
+    assert split_rules("limits. no consolidation. the l. lung. since 2010. there is dr. smith.") == [
+        "limits.", "no consolidation.", "the l. lung.", "since 2010. there is dr. smith."]
+    # Line breaks end a sentence before a capital; a period standing alone ends nothing.
+    assert split_rules("FINDINGS:\nHeart normal\nLungs clear") == ["FINDINGS:", "Heart normal", "Lungs clear"]
     assert split_rules("no effusion\n\nno pneumothorax") == ["no effusion\n\nno pneumothorax"]
+    assert split_rules("the heart is normal . the lungs are clear .") == [
+        "the heart is normal . the lungs are clear ."]
+    assert split_rules("? pneumonia. Left effusion (small). Right: clear.") == [
+        "? pneumonia.", "Left effusion (small).", "Right: clear."]
     assert split_rules("") == [] and split_rules("   ") == []
+
+
+@pytest.mark.skipif(not medspacy_available(), reason="medspacy not installed (optional extra)")
+def test_medspacy_splitter_is_used_when_installed():
+    name, split = make_splitter("auto")
+    assert name == "medspacy"
+    text = "No acute process. Heart size is normal.\nLungs are clear. 1. No pneumothorax."
+    assert keep_sentences(split(text)) == keep_sentences(split_rules(text))
 
 
 def test_sentence_filter_drops_wordless_and_short_sentences():
