@@ -232,14 +232,16 @@ class RaTEScoreScorer:
 
     def entities(self, reports: list[str], *, block: str, progress: bool = False) -> list[list[tuple[str, str]]]:
         """Per report: its ``(entity string, type)`` list over all its sentences, in order."""
+        return self._entities([self.sentences(r) for r in reports], block=block, progress=progress)
+
+    def _entities(self, per_report: list[list[str]], *, block: str, progress: bool) -> list[list[tuple[str, str]]]:
         import torch
 
         sents, owner = [], []
-        for r, report in enumerate(reports):
-            for sent in self.sentences(report):
-                sents.append(sent)
-                owner.append(r)
-        out: list[list[tuple[str, str]]] = [[] for _ in reports]
+        for r, report_sents in enumerate(per_report):
+            sents.extend(report_sents)
+            owner.extend([r] * len(report_sents))
+        out: list[list[tuple[str, str]]] = [[] for _ in per_report]
         if not sents:
             return out
         tok = self.ner_tok
@@ -296,7 +298,8 @@ class RaTEScoreScorer:
             raise MedAlignError(f"RaTEScore block must be one of {BLOCKS}, got {block!r}")
         if len(hyps) != len(refs):
             raise ValueError(f"{len(hyps)} candidate reports but {len(refs)} references")
-        ents = self.entities(list(refs) + list(hyps), block=block, progress=progress)
+        sentences = [self.sentences(r) for r in list(refs) + list(hyps)]
+        ents = self._entities(sentences, block=block, progress=progress)
         ref_ents, hyp_ents = ents[:len(refs)], ents[len(refs):]
         vectors = self.embed([s for side in ents for s, _ in side], progress=progress)
 
@@ -307,8 +310,8 @@ class RaTEScoreScorer:
         for ref, hyp in zip(ref_ents, hyp_ents):
             scores.append(float(pair_score(stack(ref), [t for _, t in ref], stack(hyp),
                                            [t for _, t in hyp], block=block)))
-        no_sentence = {side: sum(1 for r in reports if not self.sentences(r))
-                       for side, reports in (("hyp", hyps), ("ref", refs))}
+        no_sentence = {"hyp": sum(1 for x in sentences[len(refs):] if not x),
+                       "ref": sum(1 for x in sentences[:len(refs)] if not x)}
         info = {
             "block": block, "splitter": self.splitter_name,
             "ner_dir": str(self.cfg.ner_dir), "encoder_dir": str(self.cfg.encoder_dir),

@@ -91,6 +91,7 @@ def test_scores_are_fractions_with_the_contract_shape(scorer):
     assert out["mean"]["ratescore"] == pytest.approx(sum(per) / len(per))
     assert out["info"]["block"] == "medheval" and out["info"]["splitter"] == "rules"
     assert scorer.score([], [])["mean"]["ratescore"] is None
+    assert scorer.score(HYPS[:2], REFS[:2], progress=True)["per_report"]["ratescore"] == pytest.approx(per[:2])
 
 
 def test_a_report_without_sentences_scores_one_half_and_shifts_nothing(scorer):
