@@ -6,9 +6,12 @@ directory defeats the package's name lookup, so the layer is passed explicitly (
 a model that is not a 24-layer roberta gets a note). What is reproduced (bert_score 0.3.13,
 ``utils.py``):
 
-* text: ``strip()``; an empty text is ``[CLS] [SEP]`` (``build_inputs_with_special_tokens([])``);
+* text: ``strip()``; an empty text is ``[CLS] [SEP]`` (the package's
+  ``build_inputs_with_special_tokens([])``, a method transformers 5 no longer has);
   else ``tokenizer.encode(text, add_special_tokens=True, max_length=model_max_length,
-  truncation=True)``, with ``add_prefix_space=True`` for RoBERTa/GPT-2 tokenizers (a tokenizer
+  truncation=True)``, with ``add_prefix_space=True`` for RoBERTa/GPT-2 tokenizers, i.e. a space
+  put before the text (transformers 5's tokenizers ignore that argument, so the package run under
+  transformers 5 tokenises the first word differently from the authors' runs; a tokenizer
   saved without ``model_max_length`` gets the model's position count, minus 2 for RoBERTa);
 * embeddings: the output of the first ``layer`` encoder layers (the package truncates
   ``encoder.layer``; so do we), each token vector L2-normalised;
@@ -77,10 +80,11 @@ class BertScorer:
     def encode(self, text: str) -> list[int]:
         text = text.strip()
         if text == "":
-            return list(self.tok.build_inputs_with_special_tokens([]))
-        kw = {"add_prefix_space": True} if self._prefix_space else {}
+            return [self.tok.cls_token_id, self.tok.sep_token_id]
+        if self._prefix_space:  # what add_prefix_space=True did in transformers 3/4
+            text = " " + text
         return list(self.tok.encode(text, add_special_tokens=True, truncation=True,
-                                    max_length=self._max_len, **kw))
+                                    max_length=self._max_len))
 
     def _embed(self, texts: list[str], progress: bool) -> dict[str, tuple]:
         import torch

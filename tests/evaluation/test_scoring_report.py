@@ -8,7 +8,12 @@ import pytest
 from evaluation.scoring import nltk_data
 from evaluation.scoring.join import Prediction, join_by_id
 from evaluation.scoring.lexical import lexical_scores, meteor, rouge, sentence_bleu4
-from evaluation.scoring.nltk_data import PUNKT_TRAINED, PUNKT_UNTRAINED, find_wordnet, word_tokenizer
+from evaluation.scoring.nltk_data import (
+    PUNKT_TRAINED,
+    PUNKT_UNTRAINED,
+    find_wordnet,
+    word_tokenizer,
+)
 from evaluation.scoring.report import MEDHEVAL_KEYS, score_reports
 from evaluation.scoring.report_pairs import (
     NO_REPORT,
@@ -100,7 +105,7 @@ def test_strict_pairs_by_id_missing_is_empty():
 
 # ------------------------------------------------------------------ lexical metrics
 def test_sentence_bleu4_method4_hand_computed():
-    ref, hyp = "a b c x e".split(), "a b c d e".split()
+    ref, hyp = ["a", "b", "c", "x", "e"], ["a", "b", "c", "d", "e"]
     # clipped n-gram precisions 4/5, 2/4, 1/3, 0/2; method 4 replaces the zero by
     # 1 / (2^1 * 5 / ln 5) / 2; equal lengths, no brevity penalty
     p4 = 1 / (2 * 5 / math.log(5)) / 2
