@@ -178,3 +178,29 @@ def test_unreadable_checkpoints(tmp_path, chexbert_files):
         load_chexbert(CheXbertConfig(checkpoint=tmp_path / "other.pth", tokenizer_dir=tok_dir))
     with pytest.raises(MedAlignError, match="--chexbert-tokenizer"):
         load_chexbert(CheXbertConfig(checkpoint=tmp_path / "other.pth", tokenizer_dir=tmp_path / "x"))
+
+
+def test_cli_scores_chexbert_in_both_blocks(tmp_path, chexbert_files):
+    import json
+
+    from click.testing import CliRunner
+
+    from evaluation.cli import main
+
+    ckpt, tok_dir, _ = chexbert_files
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps([{"id": i, "conversations": [{"from": "human", "value": "<image>\nx"},
+                                                          {"from": "gpt", "value": r}]}
+                              for i, r in enumerate(REPORTS[:3])]))
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text("".join(json.dumps({"question_id": i, "text": r}) + "\n"
+                            for i, r in enumerate(REPORTS[:3])))
+    r = CliRunner().invoke(main, ["score", "--pred", str(pred), "--gt", str(gt), "--task", "report",
+                                  "--chexbert", str(ckpt), "--chexbert-tokenizer", str(tok_dir),
+                                  "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m["strict"]["semb_score"] == pytest.approx(1.0, abs=1e-5)      # identical reports
+    assert m["medheval"]["semb_score"] == pytest.approx(1.0, abs=1e-5)    # no strip bites here
+    assert m["strict"]["chexbert_micro_f1_14"] in (0.0, 1.0)
+    assert "chexbert_micro_f1_14" not in m["medheval"]
