@@ -1,215 +1,112 @@
-"""Report-generation scoring: BLEU-1..4, ROUGE-L, METEOR (nltk, rouge_score) and BERTScore.
+"""Report-generation scoring in two blocks, as MedHEval scores it and with its quirks fixed.
 
-* Tokens: lower-cased ``\\w+`` runs (punctuation dropped), for BLEU and METEOR.
-* ``bleu_1``..``bleu_4``: corpus-level BLEU (nltk ``corpus_bleu``, cumulative uniform weights
-  1/n, no smoothing), as report-generation papers compute it (pycocoevalcap style).
-* ``rouge_l``: mean ROUGE-L F-measure of ``rouge_score`` (its own tokeniser, no stemming).
-* ``meteor``: mean nltk ``meteor_score`` per report. METEOR's synonym stage needs the WordNet
-  corpus, which nltk does not ship and which cannot be downloaded here. It is looked up in
-  ``--nltk-data DIR`` first, then ``$NLTK_DATA`` and nltk's default folders
-  (``~/nltk_data``, ``<venv>/nltk_data``, ``/usr/share/nltk_data``, ...). When it is absent,
-  ``meteor`` is ``null`` with a note saying how to provide it; the other metrics are still
-  computed (no PyPI package ships the corpus in nltk's format). Offline fallback: Debian/Ubuntu's
-  ``wordnet-base`` + ``wordnet-sense-index`` packages install the same WordNet 3.0 database in
-  ``/usr/share/wordnet``; when present it is copied once into nltk's layout under
-  ``$XDG_CACHE_HOME/medalign/nltk_data`` (default ``~/.cache/...``; nltk refuses symlinks out of
-  its data folders) with the standard 45-line ``lexnames`` file that Debian does not ship.
-* ``bertscore_f1``: see :mod:`evaluation.scoring.bertscore`; ``null`` with a note unless a
-  local model directory is given.
+``medheval`` (paper-compatible): the rows of MedHEval's ``run_all_metrics.py`` (BERTScore P/R/F1,
+BLEU, METEOR, ROUGE-1/2/L P/R/F1 with the swapped P/R, RaTEScore) on its line-order pairs, plus
+``semb_score`` (CheXbert) and ``radgraph_combined`` from ``run_eval.py`` on its study-id pairs,
+each step with its own cleaning (:mod:`evaluation.scoring.report_pairs`). ``strict``: the same
+metrics (ROUGE P/R the right way round) and the clinical metrics' extras (CheXbert 14/5-observation
+micro/macro F1, RadGraph-F1, ...) on one id pairing with the prefix removed as a prefix.
 
-All values in percent. A missing prediction is scored as the empty report.
+Metric definitions: :mod:`~evaluation.scoring.lexical`, :mod:`~evaluation.scoring.bertscore`,
+:mod:`~evaluation.scoring.chexbert`, and the RadGraph and RaTEScore modules
+(:mod:`~evaluation.scoring.clinical` wires them in). All values are fractions, as the
+reference writes them (``units: "fraction"``; the summaries and ``compare`` show x100). A metric
+whose files are not given is ``null`` with a note naming the flag.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import re
-import shutil
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
-from shared.errors import MedAlignError
-from shared.records import answer_text
+from evaluation.scoring.clinical import SPECS, BlockScorer, not_computed_note
+from evaluation.scoring.join import Joined, Prediction
+from evaluation.scoring.lexical import LEXICAL_KEYS, ROUGE_KEYS, lexical_scores
+from evaluation.scoring.nltk_data import (
+    PUNKT_HELP,
+    PUNKT_UNTRAINED,
+    WORDNET_HELP,
+    find_wordnet,
+    word_tokenizer,
+)
+from evaluation.scoring.report_pairs import (
+    PairingError,
+    ReportPairs,
+    line_pairs,
+    strict_pairs,
+    study_id_pairs,
+)
 
-from evaluation.scoring.bertscore import BertScoreConfig, bertscore
-from evaluation.scoring.join import Joined
-
-REPORT_KEYS: tuple[str, ...] = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "meteor",
-                                "bertscore_f1")
-_WORD = re.compile(r"\w+")
-WORDNET_HELP = ("provide it with --nltk-data DIR (a folder holding corpora/wordnet.zip or "
-                "corpora/wordnet/) or the NLTK_DATA environment variable; on a machine with "
-                "internet access: python -m nltk.downloader -d DIR wordnet")
-
-
-def tokenize(text: str) -> list[str]:
-    """Lower-cased word tokens: ``"No acute findings."`` -> ``["no", "acute", "findings"]``."""
-    return _WORD.findall(str(text).lower())
-
-
-def corpus_bleu_n(references: list[list[str]], hypotheses: list[list[str]]) -> dict[str, float]:
-    """Cumulative corpus BLEU-1..4 (fractions). Returns ``{"bleu_1": ..., "bleu_4": ...}``."""
-    from nltk.translate.bleu_score import corpus_bleu
-
-    refs = [[r] for r in references]
-    out = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for n in range(1, 5):
-            out[f"bleu_{n}"] = float(corpus_bleu(refs, hypotheses, weights=(1.0 / n,) * n))
-    return out
+MEDHEVAL_KEYS: tuple[str, ...] = (
+    "bertscore_precision", "bertscore_recall", "bertscore_f1", "bleu", "meteor", *ROUGE_KEYS,
+    "ratescore", "semb_score", "radgraph_combined")
+CLINICAL_ORDER: tuple[str, ...] = ("bertscore", "ratescore", "chexbert", "radgraph")
 
 
-def rouge_l(references: list[str], hypotheses: list[str]) -> list[float]:
-    """Per-pair ROUGE-L F-measure (fractions)."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    return [scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(references, hypotheses)]
-
-
-SYSTEM_WORDNET_DIRS: tuple[Path, ...] = (Path("/usr/share/wordnet"),)
-"""Where Debian/Ubuntu's ``wordnet-base`` and ``wordnet-sense-index`` put the WordNet 3.0 files."""
-_WORDNET_FILES = ("cntlist.rev", "index.sense", "index.adj", "index.adv", "index.noun",
-                  "index.verb", "data.adj", "data.adv", "data.noun", "data.verb", "adj.exc",
-                  "adv.exc", "noun.exc", "verb.exc")
-_LEXNAMES = (
-    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute "
-    "noun.body noun.cognition noun.communication noun.event noun.feeling noun.food noun.group "
-    "noun.location noun.motive noun.object noun.person noun.phenomenon noun.plant "
-    "noun.possession noun.process noun.quantity noun.relation noun.shape noun.state "
-    "noun.substance noun.time verb.body verb.change verb.cognition verb.communication "
-    "verb.competition verb.consumption verb.contact verb.creation verb.emotion verb.motion "
-    "verb.perception verb.possession verb.social verb.stative verb.weather adj.ppl").split()
-_LEX_POS = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
+def _lexical(pairs: ReportPairs, tokenize, wordnet, *, swapped: bool) -> dict[str, Any]:
+    if not len(pairs):
+        return dict.fromkeys(LEXICAL_KEYS)
+    return lexical_scores(pairs.hyps, pairs.refs, tokenize=tokenize, wordnet=wordnet,
+                          swapped_rouge=swapped)["mean"]
 
 
-def default_wordnet_cache() -> Path:
-    """``$XDG_CACHE_HOME/medalign/nltk_data`` (``~/.cache/medalign/nltk_data`` by default)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "medalign" / "nltk_data"
+def score_reports(records: list[dict], preds: list[Prediction], joined: Joined, *,
+                  nltk_data: str | Path | None = None, scorers: dict[str, Any] | None = None,
+                  wordnet=None, tokenize=None, progress: bool = False) -> dict[str, Any]:
+    """Both blocks. ``preds`` in prediction-file line order; ``joined`` = records joined by id;
+    ``scorers``: loaded scorers by metric name (``bertscore``, ``chexbert``, ``radgraph``,
+    ``ratescore``), absent ones reported as not computed. ``wordnet`` / ``tokenize`` override
+    the NLTK lookups (tests).
 
-
-def system_wordnet_as_nltk_data(cache_root: Path | None = None,
-                                sources: tuple[Path, ...] | None = None) -> Path | None:
-    """Copy a system WordNet 3.0 database into nltk's layout (``ROOT/corpora/wordnet``), once.
-
-    Returns the nltk data root to search, or None when no source folder holds every file nltk
-    needs. The copy is made in a temporary folder and renamed into place, so an interrupted
-    copy is never used.
-    """
-    sources = SYSTEM_WORDNET_DIRS if sources is None else sources
-    src = next((d for d in sources if all((d / f).is_file() for f in _WORDNET_FILES)), None)
-    if src is None:
-        return None
-    root = Path(cache_root) if cache_root is not None else default_wordnet_cache()
-    dest = root / "corpora" / "wordnet"
-    if (dest / "lexnames").is_file():
-        return root
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".wordnet-", dir=dest.parent))
-        for f in _WORDNET_FILES:
-            shutil.copyfile(src / f, tmp / f)
-        (tmp / "lexnames").write_text("".join(
-            f"{i:02d}\t{name}\t{_LEX_POS[name.split('.')[0]]}\n" for i, name in enumerate(_LEXNAMES)))
-        (tmp / "SOURCE.txt").write_text(f"WordNet 3.0 database copied from {src}\n")
-        try:
-            tmp.rename(dest)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError:
-        return None
-    return root if (dest / "lexnames").is_file() else None
-
-
-def _nltk_has_wordnet() -> bool:
-    import nltk
-
-    for resource in ("corpora/wordnet.zip", "corpora/wordnet"):
-        try:
-            nltk.data.find(resource)
-            return True
-        except LookupError:
-            continue
-    return False
-
-
-def find_wordnet(nltk_data: str | Path | None = None, *, system_fallback: bool = True):
-    """Return nltk's WordNet reader, or None when the corpus is not found.
-
-    Search order: ``nltk_data`` (must be an existing folder), ``$NLTK_DATA`` and nltk's default
-    folders, then (``system_fallback``) a system copy, see :func:`system_wordnet_as_nltk_data`.
-    """
-    import nltk
-
-    if nltk_data is not None:
-        d = Path(nltk_data)
-        if not d.is_dir():
-            raise MedAlignError(f"--nltk-data: not a directory: {d}")
-        if str(d) not in nltk.data.path:
-            nltk.data.path.insert(0, str(d))
-    if not _nltk_has_wordnet():
-        root = system_wordnet_as_nltk_data() if system_fallback else None
-        if root is None:
-            return None
-        if str(root) not in nltk.data.path:
-            nltk.data.path.append(str(root))
-        if not _nltk_has_wordnet():
-            return None
-    from nltk.corpus import wordnet
-
-    try:
-        wordnet.ensure_loaded()
-    except (LookupError, OSError):
-        return None
-    return wordnet
-
-
-def meteor(references: list[list[str]], hypotheses: list[list[str]], wordnet) -> list[float]:
-    """Per-pair nltk METEOR (fractions) with the given WordNet reader (or a stand-in with
-    ``synsets(word)``)."""
-    from nltk.translate.meteor_score import meteor_score
-
-    return [float(meteor_score([r], h, wordnet=wordnet)) for r, h in zip(references, hypotheses)]
-
-
-def score_reports(joined: Joined, *, nltk_data: str | Path | None = None,
-                  bertscore_cfg: BertScoreConfig | None = None, wordnet=None) -> dict[str, Any]:
-    """Score generated reports against the gpt turn of each ground-truth record.
-
-    Returns ``{"report": {key: percent or None}, "num_reports": n, "notes": [...],
-    "bertscore": {...} (when computed)}``. ``wordnet`` overrides the WordNet lookup (tests).
-    """
-    refs_text = [answer_text(rec) or "" for rec, _ in joined.pairs]
-    hyps_text = ["" if p is None else p for _, p in joined.pairs]
-    refs_tok = [tokenize(t) for t in refs_text]
-    hyps_tok = [tokenize(t) for t in hyps_text]
+    Returns ``{"units", "medheval", "strict", "num_reports", "num_line_pairs", "num_id_pairs",
+    "report_info", "notes"}``."""
+    scorers = scorers or {}
     notes: list[str] = []
-    res: dict[str, float | None] = dict.fromkeys(REPORT_KEYS)
-    out: dict[str, Any] = {"report": res, "num_reports": len(refs_text), "notes": notes}
-    if not refs_text:
-        notes.append("no ground-truth reports to score")
-        return out
-    res.update({k: 100 * v for k, v in corpus_bleu_n(refs_tok, hyps_tok).items()})
-    res["rouge_l"] = 100 * math.fsum(rouge_l(refs_text, hyps_text)) / len(refs_text)
+    info: dict[str, Any] = {}
+    if tokenize is None:
+        tokenize, info["word_tokenize"] = word_tokenizer(nltk_data)
+        if info["word_tokenize"] == PUNKT_UNTRAINED:
+            notes.append("BLEU/METEOR tokens: nltk's English Punkt model was not found, so "
+                         "sentences are split by an untrained Punkt (an approximation of "
+                         "word_tokenize); " + PUNKT_HELP)
     wn = wordnet if wordnet is not None else find_wordnet(nltk_data)
     if wn is None:
         notes.append("meteor not computed: the NLTK WordNet corpus was not found; " + WORDNET_HELP)
-    else:
-        res["meteor"] = 100 * math.fsum(meteor(refs_tok, hyps_tok, wn)) / len(refs_tok)
-        if getattr(wn, "root", None) is not None:
-            out["meteor_wordnet"] = str(wn.root)
-    if bertscore_cfg is None:
-        notes.append("bertscore_f1 not computed: pass --bertscore-model DIR (a local encoder "
-                     "directory, e.g. a saved roberta-large or a biomedical BERT)")
-    else:
-        bs = bertscore(hyps_text, refs_text, bertscore_cfg)
-        res["bertscore_f1"] = 100 * bs["f1"]
-        out["bertscore"] = {"precision": 100 * bs["precision"], "recall": 100 * bs["recall"],
-                            "f1": 100 * bs["f1"], "layer": bs["layer"],
-                            "model_dir": bs["model_dir"], "idf": False, "rescaled": False}
-    return out
+    elif getattr(wn, "root", None) is not None:
+        info["meteor_wordnet"] = str(wn.root)
+
+    line = line_pairs(records, preds)
+    strict = strict_pairs(joined)
+    notes += line.notes
+    try:
+        by_id: ReportPairs | None = study_id_pairs(records, preds)
+        notes += by_id.notes
+    except PairingError as e:
+        by_id = None
+        notes.append(f"medheval semb_score and radgraph_combined not computed: {e}")
+
+    med: dict[str, Any] = dict.fromkeys(MEDHEVAL_KEYS)
+    med.update(_lexical(line, tokenize, wn, swapped=True))
+    strict_block: dict[str, Any] = dict.fromkeys(MEDHEVAL_KEYS)
+    strict_block.update(_lexical(strict, tokenize, wn, swapped=False))
+
+    for name in CLINICAL_ORDER:
+        spec = SPECS[name]
+        if name not in scorers:
+            notes.append(not_computed_note(name))
+            continue
+        runner = scorers[name] if isinstance(scorers[name], BlockScorer) else \
+            BlockScorer(name, scorers[name], progress=progress)
+        med_pairs = line if spec.medheval_pairs == "line" else by_id
+        if med_pairs is not None and len(med_pairs):
+            res = runner.score(med_pairs.hyps, med_pairs.refs, "medheval")
+            for k in spec.medheval_keys:
+                med[k] = res["mean"].get(k)
+        if len(strict):
+            res = runner.score(strict.hyps, strict.refs, "strict")
+            strict_block.update(res["mean"])
+            info[name] = res.get("info", {})
+    return {"units": "fraction", "medheval": med, "strict": strict_block,
+            "num_reports": len(strict), "num_line_pairs": len(line),
+            "num_id_pairs": None if by_id is None else len(by_id),
+            "report_info": info, "notes": notes}

@@ -3,7 +3,8 @@
 Rows are metrics, columns are runs, every value in percent with two decimals; in the comparison
 the best value of each metric row is in bold, judged on the rounded values shown (all metrics
 are higher-is-better; ties are all bold; a row where every run ties has no bold; count rows
-such as ``num_open`` are never bolded). A value that is absent or null shows as ``-``.
+such as ``num_open`` are never bolded). A value that is absent or null shows as ``-``. Report
+metrics are stored as fractions (``"units": "fraction"``) and shown x100 like the paper's tables.
 """
 
 from __future__ import annotations
@@ -16,21 +17,26 @@ from shared.records import read_json
 
 # (block in the JSON, row-label prefix)
 _BLOCKS: tuple[tuple[str, str], ...] = (
-    ("llava_med", ""), ("strict", "strict "), ("multiple_choice", "mc "), ("report", ""),
+    ("llava_med", ""), ("medheval", ""), ("strict", "strict "), ("multiple_choice", "mc "),
+    ("report", ""),
 )
-COUNT_KEYS = frozenset({"num_open", "num_close", "num_mc", "num_reports"})
+COUNT_KEYS = frozenset({"num_open", "num_close", "num_mc", "num_reports", "num_line_pairs",
+                        "num_id_pairs"})
 
 
 def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, float | int | None]]:
     """Flatten a metrics JSON into ``[(row label, value)]`` in display order."""
     rows: list[tuple[str, float | int | None]] = []
+    scale = 100.0 if metrics.get("units") == "fraction" else 1.0
     for block, prefix in _BLOCKS:
         values = metrics.get(block)
         if isinstance(values, dict):
-            rows.extend((prefix + k, v) for k, v in values.items()
-                        if v is None or isinstance(v, (int, float)))
-    if "num_reports" in metrics:
-        rows.append(("num_reports", metrics["num_reports"]))
+            rows.extend((prefix + k, v if v is None or k in COUNT_KEYS else scale * v)
+                        for k, v in values.items()
+                        if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
+    for key in ("num_reports", "num_line_pairs", "num_id_pairs"):
+        if key in metrics:
+            rows.append((key, metrics[key]))
     return rows
 
 
@@ -98,5 +104,5 @@ def load_metrics(path: str | Path) -> dict[str, Any]:
     data = read_json(path)
     if not isinstance(data, dict) or not metric_rows(data):
         raise MedAlignError(f"{path}: not a metrics file from 'medalign-eval score' "
-                            "(no llava_med/strict/report block)")
+                            "(no llava_med/medheval/strict/report block)")
     return data

@@ -68,26 +68,45 @@ def test_malformed_jsonl_is_a_clean_error(tmp_path, vqa_files):
     assert "Traceback" not in r.output
 
 
-def test_score_report_task_without_wordnet_or_bertscore(tmp_path, monkeypatch):
+def test_score_report_task_without_wordnet_or_models(tmp_path, monkeypatch):
     import nltk
 
-    from evaluation.scoring import report
+    from evaluation.scoring import nltk_data
 
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
-    monkeypatch.setattr(report, "SYSTEM_WORDNET_DIRS", ())
+    monkeypatch.setattr(nltk_data, "SYSTEM_WORDNET_DIRS", ())
     gt = tmp_path / "reports.json"
-    gt.write_text(json.dumps([rec("a", "The heart is normal. Lungs are clear.", None)]))
+    gt.write_text(json.dumps([rec(1, "The heart is normal. Lungs are clear.", None)]))
     pred = tmp_path / "pred.jsonl"
-    pred.write_text(json.dumps({"question_id": "a", "text": "the heart is normal. lungs are clear."}) + "\n")
+    pred.write_text(json.dumps({"question_id": 1, "text": "The heart is normal. Lungs are clear."}) + "\n")
     out = tmp_path / "m.json"
     r = CliRunner().invoke(main, ["score", "--pred", str(pred), "--gt", str(gt), "--task", "report",
                                   "--out", str(out)])
     assert r.exit_code == 0, r.output
     m = json.loads(out.read_text())
-    assert m["report"]["bleu_4"] == pytest.approx(100.0) and m["report"]["rouge_l"] == pytest.approx(100.0)
-    assert m["report"]["meteor"] is None and m["report"]["bertscore_f1"] is None
+    assert m["units"] == "fraction"
+    for block in ("medheval", "strict"):
+        assert m[block]["bleu"] == pytest.approx(1.0) and m[block]["rouge_l_f1"] == pytest.approx(1.0)
+        assert m[block]["meteor"] is None and m[block]["bertscore_f1"] is None
+        assert m[block]["semb_score"] is None
     assert "Warning: meteor not computed" in r.stderr
-    assert "| meteor | - |" in (tmp_path / "m.md").read_text()
+    assert "Warning: semb_score not computed: pass --chexbert" in r.stderr
+    md = (tmp_path / "m.md").read_text()
+    assert "| meteor | - |" in md and "| strict rouge_l_f1 | 100.00 |" in md   # shown x100
+
+
+def test_report_flags_come_in_pairs(tmp_path, vqa_files):
+    gt, pred = vqa_files
+    base = ["score", "--pred", str(pred), "--gt", str(gt), "--task", "report"]
+    r = CliRunner().invoke(main, base + ["--chexbert-tokenizer", str(tmp_path)])
+    assert r.exit_code == 2 and "--chexbert-tokenizer needs --chexbert" in r.stderr
+    ckpt = tmp_path / "c.pth"
+    ckpt.write_bytes(b"")
+    r = CliRunner().invoke(main, base + ["--chexbert", str(ckpt)])
+    assert r.exit_code == 2 and "--chexbert needs --chexbert-tokenizer" in r.stderr
+    r = CliRunner().invoke(main, base + ["--device", "tpu", "--chexbert", str(ckpt),
+                                         "--chexbert-tokenizer", str(tmp_path)])
+    assert r.exit_code == 2 and "--device must be" in r.stderr
 
 
 def test_bad_nltk_data_dir_exits_2(tmp_path, vqa_files):
@@ -136,10 +155,10 @@ def test_score_report_with_bertscore_model(tmp_path, monkeypatch):
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    from evaluation.scoring import report
+    from evaluation.scoring import nltk_data
 
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
-    monkeypatch.setattr(report, "SYSTEM_WORDNET_DIRS", ())
+    monkeypatch.setattr(nltk_data, "SYSTEM_WORDNET_DIRS", ())
     words = "[PAD] [UNK] [CLS] [SEP] [MASK] the heart is normal lungs are clear".split()
     model_dir = tmp_path / "bert"
     torch.manual_seed(0)
@@ -152,8 +171,15 @@ def test_score_report_with_bertscore_model(tmp_path, monkeypatch):
     pred.write_text(json.dumps({"question_id": 1, "text": "the heart is normal"}) + "\n"
                     + json.dumps({"question_id": 2, "text": "lungs are clear"}) + "\n")
     r = CliRunner().invoke(main, ["score", "--pred", str(pred), "--gt", str(gt), "--task", "report",
-                                  "--bertscore-model", str(model_dir), "--bertscore-layer", "1"])
+                                  "--bertscore-model", str(model_dir), "--bertscore-layer", "1",
+                                  "--device", "cpu"])
     assert r.exit_code == 0, r.output
     m = json.loads(r.stdout)
-    assert m["report"]["bertscore_f1"] == pytest.approx(100.0, abs=1e-4)  # same tokens after lower-casing
-    assert m["bertscore"]["layer"] == 1 and m["bertscore"]["idf"] is False
+    # same wordpieces after lower-casing; the medheval strip turns "the" into "he"
+    assert m["strict"]["bertscore_f1"] == pytest.approx(1.0, abs=1e-5)
+    assert m["medheval"]["bertscore_f1"] < 0.99
+    assert m["report_info"]["bertscore"]["layer"] == 1 and m["report_info"]["bertscore"]["idf"] is False
+    assert "not roberta-large" in m["report_info"]["bertscore"]["note"]
+    r = CliRunner().invoke(main, ["score", "--pred", str(pred), "--gt", str(gt), "--task", "report",
+                                  "--bertscore-model", str(model_dir)])
+    assert r.exit_code == 2 and "layer 17 out of range 0..1" in r.stderr
