@@ -209,10 +209,10 @@ def test_a_generated_image_token_is_not_rotated(tiny_llama_dir, tiny_make_batch)
     cache = DynamicCache()
     with torch.no_grad():
         model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=batch["pixel_values"],
-              past_key_values=cache, use_cache=True)
+              cache=cache, use_cache=True)
         assert calls == [16]
         step = torch.tensor([[image_id]])
-        model(input_ids=step, attention_mask=torch.ones(1, 25, dtype=torch.long), past_key_values=cache,
+        model(input_ids=step, attention_mask=torch.ones(1, 25, dtype=torch.long), cache=cache,
               use_cache=True)
     assert calls == [16], "a decoding step's generated image token was rotated"
     hook.remove()
