@@ -31,6 +31,7 @@ from evaluation.decoding._hooks import (
     recorded_outputs,
 )
 from evaluation.decoding.base import (
+    CUTOFF,
     SAMPLE,
     WARPERS,
     Branch,
@@ -99,7 +100,7 @@ class AVISC(Method):
         "logits. Here everything is per question. 1024 new tokens (both families).")
     keys = (
         Key("alpha", float, 1.0, "contrast strength: (1 + alpha) l - alpha l_neg"),
-        Key("beta", float, 0.1, "plausibility cutoff: drop tokens below beta x the main branch's top probability"),
+        CUTOFF,
         Key("gamma", float, 0.5, "share of the image attention the selected layers hold"),
         Key("lambda", float, 1.0, "blind tokens: attention >= mean + lambda std"),
         SAMPLE(True),

@@ -5,14 +5,14 @@ A method is one module in this package holding a :class:`Method` subclass decora
 module needs no other edit). Skeleton::
 
     from evaluation.decoding import register
-    from evaluation.decoding.base import SAMPLE, WARPERS, Branch, Key, Method, contrast, plausible, run_steps, warp
+    from evaluation.decoding.base import CUTOFF, SAMPLE, WARPERS, Branch, Key, Method, contrast, plausible, run_steps, warp
 
     @register
     class MyMethod(Method):
         name = "mine"
         summary = "What it does, with the paper (first line = the one-line summary)."
         reference_notes = "How MedAlign's code does it differently ('' when it does not)."
-        keys = (Key("alpha", float, 1.0, "contrast strength"), Key("beta", float, 0.1, "cutoff"),
+        keys = (Key("alpha", float, 1.0, "contrast strength"), CUTOFF,
                 SAMPLE(True), *WARPERS)
         def check(self, args):                # range checks (call super: temperature, top_k, top_p, beta)
             super().check(args); ...          # raise MedAlignError
@@ -89,7 +89,7 @@ from shared.errors import MedAlignError
 from student_train.alignment import unwrap, visual_positions
 from student_train.families import StudentFamily
 
-__all__ = ["SAMPLE", "WARPERS", "Answers", "Branch", "DecodeContext", "Key", "Method", "RowSampler",
+__all__ = ["CUTOFF", "SAMPLE", "WARPERS", "Answers", "Branch", "DecodeContext", "Key", "Method", "RowSampler",
            "contrast", "left_pad", "log_probs", "plausible", "positions", "question_seed", "run_steps", "warp"]
 
 if TYPE_CHECKING:  # the Generator lives in evaluation.generate, which imports this package
@@ -147,6 +147,10 @@ def SAMPLE(default: bool) -> Key:
     """The ``sample`` key every method has: False = argmax over the method's final scores."""
     return Key("sample", bool, default, "draw from the final scores (seeded per question); false: their argmax")
 
+
+#: ``beta``: the adaptive plausibility cutoff of the contrastive and guidance methods (:func:`plausible`).
+CUTOFF = Key("beta", float, 0.1, "plausibility cutoff: keep tokens with p >= beta * max p of the main branch "
+             "(its raw logits, T = 1)")
 
 #: ``temperature``, ``top_k``, ``top_p``: the warpers of a sampling method, applied after its score.
 WARPERS = (Key("temperature", float, 1.0, "softmax temperature, applied after the score and the cutoff"),

@@ -27,6 +27,7 @@ from torch import nn
 from evaluation.decoding import register
 from evaluation.decoding._hooks import recorded_outputs
 from evaluation.decoding.base import (
+    CUTOFF,
     SAMPLE,
     WARPERS,
     Branch,
@@ -111,7 +112,7 @@ class DAMRO(Method):
         "top_p=1, T=1, so no warper applied there either. 1024 new tokens (both families).")
     keys = (
         Key("alpha", float, 0.5, "contrast strength: (1 + alpha) l - alpha l_out"),
-        Key("beta", float, 0.1, "plausibility cutoff: drop tokens below beta x the main branch's top probability"),
+        CUTOFF,
         Key("k", int, 10, "outlier image tokens kept in the negative branch"),
         SAMPLE(True),
         *WARPERS,

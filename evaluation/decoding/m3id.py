@@ -19,6 +19,7 @@ import torch
 
 from evaluation.decoding import register
 from evaluation.decoding.base import (
+    CUTOFF,
     SAMPLE,
     WARPERS,
     Branch,
@@ -61,7 +62,7 @@ class M3ID(Method):
                        "short (harmless at batch 1 with no padding); here the image tokens are removed from the "
                        "prompt ids, so any template and batch works.")
     keys = (Key("lambda", float, 0.02, "decay of gamma_t = exp(-lambda t) (0: gamma 1, no correction)"),
-            Key("beta", float, 0.1, "plausibility cutoff: keep tokens with p >= beta * max p (main branch, T = 1)"),
+            CUTOFF,
             Key("threshold", float, None, "the paper's uncertainty gate: correct only where the main branch's "
                 "top-1 probability is below it (none: always)", optional=True),
             SAMPLE(True), *WARPERS)

@@ -23,6 +23,7 @@ import torch
 from evaluation.decoding import register
 from evaluation.decoding._hooks import LastRowState, last_row_attention
 from evaluation.decoding.base import (
+    CUTOFF,
     SAMPLE,
     WARPERS,
     Branch,
@@ -85,7 +86,7 @@ class PAI(Method):
     keys = (
         Key("alpha", float, 0.2, "attention boost: image-key scores s -> s + alpha |s| in the last query row"),
         Key("gamma", float, 1.1, "guidance scale: gamma (l_c - l_u) + l_u (1: no text-only branch)"),
-        Key("beta", float, 0.1, "plausibility cutoff: drop tokens below beta x the main branch's top probability"),
+        CUTOFF,
         Key("start_layer", int, 2, "first decoder layer of the boost (the boost covers [start_layer, L))"),
         SAMPLE(False),
         *WARPERS,

@@ -17,6 +17,7 @@ import torch
 
 from evaluation.decoding import register
 from evaluation.decoding.base import (
+    CUTOFF,
     SAMPLE,
     WARPERS,
     Branch,
@@ -62,7 +63,7 @@ class VCD(Method):
                        "top-k 50 applied there (here: top_k=none unless given). alpha 1, beta 0.1, noise step "
                        "500, T = 1 and 1024 new tokens for both students, as its scripts; batch size 1.")
     keys = (Key("alpha", float, 1.0, "contrast strength (0: plain sampling with the cutoff)"),
-            Key("beta", float, 0.1, "plausibility cutoff: keep tokens with p >= beta * max p (clean branch, T = 1)"),
+            CUTOFF,
             Key("noise_step", int, 500, f"DDPM forward step of the noised image (0..{NOISE_STEPS - 1})"),
             SAMPLE(True), *WARPERS)
 
