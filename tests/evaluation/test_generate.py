@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from decoding_helpers import LAYER, make_w_run
 from PIL import Image
 
 from evaluation import generate as G
@@ -21,9 +22,6 @@ from student_train import inputs as I
 from evaluation.cli import main
 from student_train.tiny import save_tiny_llava
 
-LAYER = 2  # align layer of the test runs (the tiny students have 4 decoder layers)
-
-
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -32,35 +30,14 @@ def student(tmp_path_factory):
     return save_tiny_llava(tmp_path_factory.mktemp("gen") / "llama", "llama", layers=4, seed=0)
 
 
-def _make_run(model_dir, out, w_scale: float = 0.0, seed: int = 1):
-    """A training run directory as medalign-train writes it: fresh LoRA (B = 0, so a zero update),
-    W = w_scale * randn / sqrt(d), config.json with the template, teacher.json."""
-    from student_train.config import AlignArgs, LoraArgs
-    from student_train.model import load_student, prepare_student, save_trained
-    from student_train.alignment import get_handles
-
-    model, _ = load_student(model_dir)
-    torch.manual_seed(seed)
-    peft = prepare_student(model, LoraArgs(lora_r=4), AlignArgs(align_layer=LAYER, alpha=1.0, beta=0.0),
-                           train_projector=False)
-    rot = get_handles(peft).rotation
-    d = rot.weight.shape[0]
-    with torch.no_grad():
-        rot.weight.copy_(w_scale * torch.randn(d, d) / d ** 0.5)
-    save_trained(peft, out)
-    (out / "config.json").write_text(json.dumps({"data": {"template": "vicuna_v1"}, "align": {"align_layer": LAYER}}))
-    (out / "teacher.json").write_text(json.dumps({"expert": "unimed-b", "fingerprint": "abc123"}))
-    return out, rot.weight.detach().clone()
-
-
 @pytest.fixture(scope="module")
 def zero_run(student, tmp_path_factory):
-    return _make_run(student, tmp_path_factory.mktemp("zero_run"), 0.0)[0]
+    return make_w_run(student, tmp_path_factory.mktemp("zero_run"), 0.0)[0]
 
 
 @pytest.fixture(scope="module")
 def w_run(student, tmp_path_factory):
-    return _make_run(student, tmp_path_factory.mktemp("w_run"), 3.0)
+    return make_w_run(student, tmp_path_factory.mktemp("w_run"), 3.0)
 
 
 @pytest.fixture(scope="module")
