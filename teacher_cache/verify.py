@@ -30,7 +30,7 @@ def recompute_rows(reader: CacheReader, weights: Path, image_root: Path, rows: d
     d_sim = d_attn = 0.0
     for row, rel in rows.items():
         img, key = load_image(resolve_image_path(image_root, rel))
-        if key != reader.keys()[row]:
+        if key != reader.key_of(row):
             raise MedAlignError(f"{rel}: the image file changed since the cache was built")
         e_v, e_a = expert.encode(torch.from_numpy(expert.preprocess(img))[None].to(device))
         sim, attn = teacher_signals(e_v, e_a, m.grid, m.resample_order)

@@ -40,6 +40,8 @@ class Report:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     manifest: Manifest | None = None
+    error: MedAlignError | None = None
+    """Why the manifest could not be used (missing directory or manifest, bad checksum, bad keys)."""
 
     @property
     def ok(self) -> bool:
@@ -68,10 +70,10 @@ def expected_files(m: Manifest, shard: int) -> set[str]:
 
 
 def _check_shards(root: Path, m: Manifest, r: Report) -> None:
-    count = -(-m.rows // m.shard_size) if m.shard_size > 0 else -1
     if m.shard_size < 1 or m.rows < 0:
         r.problems.append(f"manifest: rows {m.rows} / shard_size {m.shard_size} are not a shard layout")
         return
+    count = -(-m.rows // m.shard_size)
     if len(m.shards) != count:
         r.problems.append(f"manifest lists {len(m.shards)} shard(s); {m.rows} rows in shards of {m.shard_size} "
                           f"need {count}")
@@ -236,8 +238,11 @@ def check_structure(cache: str | Path) -> Report:
     root = Path(cache)
     r = Report()
     try:
+        if not root.is_dir():
+            raise MedAlignError(f"cache not found: {cache}")
         m = r.manifest = Manifest.load(root)
     except MedAlignError as e:
+        r.error = e
         r.problems.append(str(e))
         return r
     if not m.checksum:
@@ -249,15 +254,12 @@ def check_structure(cache: str | Path) -> Report:
     return r
 
 
-def _missing(cache) -> None:
-    raise MedAlignError(f"cache not found: {cache}")
-
-
 def require_structure(cache: str | Path) -> Report:
     """:func:`check_structure`, raising one :class:`CacheDamagedError` line when it finds problems (a
-    missing directory or manifest raises the reader's own error)."""
-    Manifest.load(cache) if Path(cache).is_dir() else _missing(cache)
+    missing directory or an unusable manifest raises its own error)."""
     r = check_structure(cache)
+    if r.error is not None:
+        raise r.error
     if r.problems:
         more = f" (+{len(r.problems) - SHOW} more)" if len(r.problems) > SHOW else ""
         raise CacheDamagedError(f"teacher cache {cache} is not what its manifest says: "
