@@ -1,4 +1,5 @@
-"""Training-step cost of MedAlign vs plain LoRA, and vs the reference's whole-model eager attention.
+"""Training-step cost of MedAlign and A3Tune vs plain LoRA, and vs the whole-model eager attention
+the reference codes use.
 
 Variants (each measured in a fresh subprocess so peak memory is its own):
 
@@ -7,6 +8,12 @@ Variants (each measured in a fresh subprocess so peak memory is its own):
                capture (only the query rows' probabilities), the rest of the model on SDPA.
 * ``eager``    MedAlign the reference's way: the whole model on eager attention with
                ``output_attentions=True``, M_a read from the full T x T matrix of layers[l].
+* ``a3tune``   A3Tune as built (no MoE): the per-head query-row capture in every layer (SDPA for
+               the outputs), top L*H/8 heads (128 of 1024 at 7B), squared loss on 8 weak masks.
+* ``a3tune_eager``  the same loss the authors' way: every layer on eager attention with
+               ``output_attentions=True``, ratios and maps read from the full T x T matrices.
+* ``a3moe`` / ``a3moe_eager``  the same two with A3MoE (VQA preset; LoRA without q_proj / k_proj),
+               when student_train/a3moe.py is present.
 
 One step = forward + backward + AdamW step (LoRA r 32, projector trainable), batch of 2 padded
 samples with 576 image tokens each. Step times come from one process holding the three variants
@@ -45,7 +52,12 @@ PRESETS = {
         vision_layers=24, vision_heads=16, vocab=32000, image_size=336, patch_size=14, align_layer=20,
     ),
 }
-VARIANTS = ("plain", "medalign", "eager")
+VARIANTS = ("plain", "medalign", "eager", "a3tune", "a3tune_eager", "a3moe", "a3moe_eager")
+#: A3Tune variants: (A3MoE installed, whole model on eager attention).
+A3_VARIANTS = {"a3tune": (False, False), "a3tune_eager": (False, True), "a3moe": (True, False),
+               "a3moe_eager": (True, True)}
+#: Weak masks per sample in the A3Tune variants (the VQA top-k).
+A3_MASKS = 8
 
 
 def build_model(preset: dict, attn: str, dtype: torch.dtype, device: str):
@@ -118,6 +130,66 @@ def make_batch(model, device, dtype, seed=0):
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def default_variants() -> tuple[str, ...]:
+    """Every variant; the A3MoE ones only where student_train/a3moe.py exists."""
+    from student_train.methods.a3tune import a3moe_module
+
+    return VARIANTS if a3moe_module() is not None else tuple(v for v in VARIANTS if not v.startswith("a3moe"))
+
+
+def add_a3_labels(batch, n_heads_total: int, seed=1):
+    """Random weak masks (~15% of the cells) for the A3Tune variants."""
+    g = torch.Generator().manual_seed(seed)
+    b, n = batch["teacher_attn"].shape
+    labels = (torch.rand(b, A3_MASKS, n, generator=g) < 0.15).float()
+    labels[:, :, 0] = 1.0
+    device = batch["input_ids"].device
+    return {**batch, "a3_labels": labels.to(device), "a3_label_mask": torch.ones(b, A3_MASKS, dtype=torch.bool,
+                                                                                  device=device)}
+
+
+def a3_config(preset: dict, moe: bool, lam: float):
+    from student_train.config import TrainConfig
+
+    top = preset["layers"] * preset["heads"] // 8
+    return TrainConfig.from_flat(dict(method="a3tune", cache="unused", model="m", data="d", image_root="i", out="o",
+                                      a3_top_heads=top, a3_lambda=lam, a3_moe=moe, lora_r=32, lora_alpha=16,
+                                      lora_dropout=0.05))
+
+
+def eager_a3_losses(model, batch, a3):
+    """A3Tune the authors' way: output_attentions of every layer (eager), ratios and image maps
+    read from the full [B, H, T, T] matrices, then the same selection and loss."""
+    from student_train.a3_losses import a3_att_loss, combine_maps, select_heads
+    from student_train.head_attention import gather_rows, image_columns, rows_after_image
+
+    from contextlib import nullcontext
+
+    from student_train.methods.a3tune import a3moe_module
+
+    image_id = model.config.image_token_id
+    moe = a3moe_module()
+    ctx = (moe.moe_inputs(model, question_mask=batch["query_mask"], image_mask=batch["input_ids"] == image_id)
+           if moe is not None and moe.get_moe(model) is not None else nullcontext())
+    with ctx:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"], labels=batch["labels"], use_cache=False, output_attentions=True)
+    rows, valid = gather_rows(rows_after_image(batch["input_ids"], batch["attention_mask"], image_id))
+    cols = image_columns(batch["input_ids"] == image_id)
+    ratios, maps = [], []
+    for att in out.attentions:  # [B, H, T, T]
+        att = att.float()
+        b, h, t, _ = att.shape
+        sel = torch.gather(att, 2, rows[:, None, :, None].expand(b, h, rows.shape[1], t))
+        sel = sel * valid[:, None, :, None]
+        m = torch.gather(sel, 3, cols[:, None, None, :].expand(b, h, rows.shape[1], cols.shape[1]))
+        ratios.append((m.sum((-1, -2)) / sel.sum((-1, -2)).clamp(min=1e-30)).detach())
+        maps.append(m)
+    selected = select_heads(torch.stack(ratios, 1), a3.a3_top_heads)
+    att_loss = a3_att_loss(combine_maps(maps, selected), valid, batch["a3_labels"], batch["a3_label_mask"], a3.a3_loss)
+    return out.loss.float() + a3.a3_lambda * att_loss
+
+
 def eager_losses(model, batch, align):
     """The reference's way: full eager attention matrices, M_a read from layers[l]'s."""
     from student_train.alignment import get_handles
@@ -145,14 +217,26 @@ class Runner:
 
     def __init__(self, variant: str, preset_name: str, device: str, gradient_checkpointing: bool):
         from student_train.config import AlignArgs, LoraArgs
-        from student_train.model import enable_gradient_checkpointing
-        from student_train.model import param_groups, prepare_student
+        from student_train.model import prepare_student
 
         preset = PRESETS[preset_name]
         self.variant, self.device = variant, device
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         torch.manual_seed(0)
-        model = build_model(preset, "eager" if variant == "eager" else "sdpa", dtype, device)
+        eager = variant == "eager" or A3_VARIANTS.get(variant, (False, False))[1]
+        model = build_model(preset, "eager" if eager else "sdpa", dtype, device)
+        self.a3 = None
+        if variant in A3_VARIANTS:
+            from student_train.methods import get_method
+
+            moe, eager = A3_VARIANTS[variant]
+            cfg = a3_config(preset, moe, 0.09)
+            self.a3 = cfg.a3
+            # the eager variants read the attention from output_attentions: no capture installed
+            prep = a3_config(preset, moe, 0.0) if eager else cfg
+            self.model = get_method("a3tune").prepare(model, prep, train_projector=False)
+            self._finish(device, dtype, gradient_checkpointing)
+            return
         if variant == "plain":
             self.align = AlignArgs(align_layer=preset["align_layer"], alpha=0.0, beta=0.0)
         else:
@@ -160,11 +244,18 @@ class Runner:
         # the eager variant reads the attention from output_attentions: no capture installed
         prep = AlignArgs(align_layer=self.align.align_layer, alpha=1.0, beta=0.0) if variant == "eager" else self.align
         self.model = prepare_student(model, LoraArgs(lora_r=32, lora_alpha=16, lora_dropout=0.05), prep, train_projector=False)
+        self._finish(device, dtype, gradient_checkpointing)
+
+    def _finish(self, device, dtype, gradient_checkpointing: bool):
+        from student_train.model import enable_gradient_checkpointing, param_groups
+
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.model.train()
         self.opt = torch.optim.AdamW(param_groups(self.model, 2e-4, 0.0))
         self.batch = make_batch(self.model, device, dtype)
+        if self.a3 is not None:
+            self.batch = add_a3_labels(self.batch, 0)
 
     def sync(self):
         if self.device == "cuda":
@@ -173,7 +264,14 @@ class Runner:
     def step(self) -> float:
         from student_train.model import compute_losses
 
-        if self.variant == "eager":
+        if self.variant in A3_VARIANTS:
+            from student_train.methods.a3tune import compute_a3_losses
+
+            if A3_VARIANTS[self.variant][1]:
+                loss = eager_a3_losses(self.model, self.batch, self.a3)
+            else:
+                loss = compute_a3_losses(self.model, self.batch, self.a3)["loss"]
+        elif self.variant == "eager":
             loss = eager_losses(self.model, self.batch, self.align)
         else:
             loss = compute_losses(self.model, self.batch, self.align)["loss"]
@@ -234,7 +332,7 @@ def main(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="medium")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(default_variants()))
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -286,7 +384,9 @@ def main(argv=None):
     extra = " | RSS growth over setup MiB" if args.device == "cpu" else ""
     print(f"| variant | s/step | vs plain LoRA | {mem_label} | vs plain LoRA{extra} |")
     print("|---|---:|---:|---:|---:|" + ("---:|" if extra else ""))
-    names = {"plain": "plain LoRA (alpha=beta=0)", "medalign": "MedAlign as built", "eager": "MedAlign, whole model eager"}
+    names = {"plain": "plain LoRA (alpha=beta=0)", "medalign": "MedAlign as built", "eager": "MedAlign, whole model eager",
+             "a3tune": "A3Tune as built (no MoE)", "a3tune_eager": "A3Tune, whole model eager (the authors' way)",
+             "a3moe": "A3Tune + A3MoE as built", "a3moe_eager": "A3Tune + A3MoE, whole model eager"}
     for variant, r in results.items():
         if r is None:
             print(f"| {names[variant]} | failed | | | |")

@@ -154,14 +154,19 @@ def compare(metrics: tuple[Path, ...], names: str | None, out: Path | None) -> N
 
 
 # --- Subcommands from other modules ----------------------------------------------------------
-# `generate` and `attention` are implemented elsewhere and registered here.
+# `generate`, `attention`, `demo` and `tsne` are implemented elsewhere and registered here.
 from evaluation.attention_cli import attention  # noqa: E402
 from evaluation.demo import demo  # noqa: E402
 from evaluation.generate_cli import generate  # noqa: E402
+from evaluation.tsne_cli import tsne  # noqa: E402
 
 main.add_command(generate)
 main.add_command(attention)
 main.add_command(demo)
+main.add_command(tsne)
+from evaluation.merge_cli import merge  # noqa: E402
+
+main.add_command(merge)
 
 
 if __name__ == "__main__":

@@ -197,8 +197,27 @@ def batches_to_run(questions: list[Question], done: set[str], batch_size: int) -
 def run_generate(cfg: GenerateConfig, *, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
     """The ``generate`` command: validate, load, answer the questions not yet in ``cfg.out``.
 
-    Returns ``{"questions", "already_done", "written", "truncated_bytes", "template"}``.
+    Under torchrun (``WORLD_SIZE`` > 1) each rank answers its contiguous slice on its own device into
+    its own part beside ``--out``; rank 0 merges the parts into ``--out`` once every rank has finished
+    (:mod:`evaluation.answer_parts`). Returns ``{"questions", "already_done", "written",
+    "truncated_bytes", "template"}`` (for the whole job).
     """
+    from shared.distributed import destroy_distributed, init_distributed, world_from_env
+
+    dist = world_from_env()
+    if not dist.enabled:
+        return _run_generate(cfg, dist, None, log, progress)
+    dist, device = init_distributed(cfg.device, backend="gloo")  # cuda -> cuda:LOCAL_RANK
+    try:
+        return _run_generate(cfg, dist, device, log if dist.is_main else (lambda _m: None), progress and dist.is_main)
+    finally:
+        destroy_distributed(dist)
+
+
+def _run_generate(cfg: GenerateConfig, dist, device, log: Callable[[str], None], progress: bool) -> dict[str, Any]:
+    from evaluation.answer_parts import answered_ids, existing_parts, merge_answer_files, part_path, question_slice
+    from shared.distributed import Heartbeat, maybe_die, run_step
+
     questions = load_questions(cfg.data, cfg.closed_suffix, cfg.limit)
     root = Path(cfg.image_root)
     if not root.is_dir():
@@ -211,56 +230,91 @@ def run_generate(cfg: GenerateConfig, *, log: Callable[[str], None] = print, pro
         from student_train.model import check_adapter_dir
         check_adapter_dir(Path(cfg.adapter))  # before loading anything
     template, _ = resolve_template(cfg.model, cfg.adapter, cfg.template)
-    device = resolve_device(cfg.device)
+    device = device if device is not None else resolve_device(cfg.device)
     family = student_family(cfg.model)
     cfg = cfg.resolved(family, device)
     mid = model_id(cfg.model, cfg.adapter)
     meta = run_metadata(cfg, template.name)
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        check_first_line(out, mid, meta)  # before truncating anything: a foreign file stays untouched
-        state = prepare_output(out)
-    else:
-        state = prepare_output(out, overwrite=True)
-    if state.truncated_bytes:
-        log(f"{out}: removed a partial last line ({state.truncated_bytes} bytes) left by an interrupted run")
+    bs = int(cfg.batch_size)
+    questions = chunk = question_slice(questions, bs, int(cfg.num_chunks), int(cfg.chunk_idx))  # --num-chunks
+    summary = {"questions": len(questions), "already_done": 0, "written": 0, "truncated_bytes": 0,
+               "template": template.name}
+    in_parts = dist.enabled or bool(existing_parts(out))
+    if not in_parts:  # one process: append to --out itself
+        mine, done, others = out, set(), []
+    else:  # rank r writes its own part; what earlier runs (any K) answered is read from theirs
+        mine = part_path(out, dist.rank, dist.world_size)
+        if cfg.overwrite:
+            run_step(dist, f"clearing {out}", lambda: [p.unlink(missing_ok=True) for p in [out, *existing_parts(out)]]
+                     if dist.is_main else None)
+        ours = {part_path(out, r, dist.world_size) for r in range(dist.world_size)}
+        others = [p for p in [out, *existing_parts(out)] if p.is_file() and p not in ours]
+        questions = question_slice(questions, bs, dist.world_size, dist.rank)
     known = {q.key for q in questions}
-    done = state.done & known
-    if state.done - known:
-        log(f"Warning: {out} holds {len(state.done - known)} id(s) that are not in {cfg.data}")
-    todo = batches_to_run(questions, done, int(cfg.batch_size))
-    n_todo = sum(len(b) for _, b in todo)
-    summary = {"questions": len(questions), "already_done": len(done), "written": 0,
-               "truncated_bytes": state.truncated_bytes, "template": template.name}
-    if done:
-        log(f"resuming {out}: {len(done)} of {len(questions)} answered, {n_todo} to go")
-    if not todo:
-        log(f"{out}: all {len(questions)} questions already answered")
-        return summary
 
+    def prepare():
+        if mine.exists() and not cfg.overwrite:
+            check_first_line(mine, mid, meta)  # before truncating anything: a foreign file stays untouched
+            state = prepare_output(mine)
+        else:
+            state = prepare_output(mine, overwrite=True)
+        done = state.done & known
+        for p in others:
+            done |= answered_ids(p, mid, meta) & known
+        return state, done
+
+    state, done = run_step(dist, f"opening {mine}", prepare)  # a refused file fails every rank
+    if state.truncated_bytes:
+        log(f"{mine}: removed a partial last line ({state.truncated_bytes} bytes) left by an interrupted run")
+    if state.done - known and not in_parts:
+        log(f"Warning: {out} holds {len(state.done - known)} id(s) that are not in {cfg.data}")
+    todo = batches_to_run(questions, done, bs)
+    n_todo = sum(len(b) for _, b in todo)
+    counts = dist.gather_json([len(done), n_todo, state.truncated_bytes])
+    summary.update(already_done=sum(c[0] for c in counts), truncated_bytes=sum(c[2] for c in counts))
+    total_todo = sum(c[1] for c in counts)
+    if summary["already_done"]:
+        log(f"resuming {out}: {summary['already_done']} of {summary['questions']} answered, {total_todo} to go")
+    bar = None
+    if progress and total_todo:
+        from tqdm import tqdm
+        bar = tqdm(total=total_todo, desc="generate" + (f" ({dist.world_size} ranks)" if dist.enabled else ""),
+                   dynamic_ncols=True)
+    try:
+        with Heartbeat(dist, f"generate into {out}",
+                       on_beat=(lambda n: bar.update(n - bar.n)) if bar is not None else None) as beat:
+            if todo:
+                _answer_batches(cfg, dist, device, mid, meta, root, mine, todo, beat, log, family, maybe_die)
+    finally:
+        if bar is not None:
+            bar.close()
+    summary["written"] = total_todo
+    if in_parts:
+        keys = [q.key for q in chunk]
+        run_step(dist, f"merging into {out}", lambda: merge_answer_files(
+            keys, [p for p in [out, *existing_parts(out)] if p.is_file()], out,
+            remove=existing_parts(out)) if dist.is_main else None)
+    elif not todo:
+        log(f"{out}: all {len(questions)} questions already answered")
+    return summary
+
+
+def _answer_batches(cfg, dist, device, mid, meta, root, mine, todo, beat, log, family, maybe_die) -> None:
     gen = load_generator(cfg.model, cfg.adapter, template=cfg.template, dtype=torch_dtype(cfg.dtype), device=device,
                          trust_remote_code=cfg.trust_remote_code)
     log(f"model {mid} on {device} ({cfg.dtype}); template {gen.template.name} ({gen.template_source}); "
         f"{gen.num_image_tokens} image tokens; decoding {cfg.decoding.describe()}, "
         f"max {cfg.decoding.max_new_tokens} new tokens "
         f"({family.name} default: {cfg.decoding.method.max_new_tokens(family)}); "
-        f"batch {cfg.batch_size}")
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=n_todo, desc="generate", dynamic_ncols=True)
-    try:
-        for b, batch in todo:
-            pixels = torch.stack([student_pixels(gen.image_processor, resolve_image_path(root, q.image), gen.background)
-                                  for q in batch])
-            texts = generate_answers(gen, [q.question for q in batch], pixels, cfg.decoding,
-                                     keys=[q.key for q in batch])
-            append_lines(out, [{"question_id": q.qid, "prompt": q.question, "text": t, "model_id": mid,
-                                "metadata": meta} for q, t in zip(batch, texts)])
-            summary["written"] += len(batch)
-            if bar is not None:
-                bar.update(len(batch))
-    finally:
-        if bar is not None:
-            bar.close()
-    return summary
+        f"batch {cfg.batch_size}" + (f"; {dist.world_size} ranks" if dist.enabled else ""))
+    for b, batch in todo:
+        beat.check()
+        pixels = torch.stack([student_pixels(gen.image_processor, resolve_image_path(root, q.image), gen.background)
+                              for q in batch])
+        texts = generate_answers(gen, [q.question for q in batch], pixels, cfg.decoding,
+                                 keys=[q.key for q in batch])
+        append_lines(mine, [{"question_id": q.qid, "prompt": q.question, "text": t, "model_id": mid,
+                             "metadata": meta} for q, t in zip(batch, texts)])
+        beat.add(len(batch))
+        maybe_die("batch", dist)

@@ -9,6 +9,7 @@ help). ``--help-decoding NAME`` prints a method's keys, defaults and how MedAlig
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import click
 
@@ -40,6 +41,7 @@ def generate(**flags) -> None:
     Defaults are the reference's evaluation: 5-beam search, max new tokens and half precision on
     CUDA per student family (LLaVA-Med: 1024, float16; HuatuoGPT: 128, bfloat16). Other decodings:
     --decoding NAME [--decoding-arg KEY=VALUE ...]; --help-decoding NAME lists a method's keys.
+    Under torchrun each rank answers a contiguous slice; rank 0 merges them into --out.
     """
     with user_errors():
         from evaluation.generate import run_generate
@@ -48,5 +50,7 @@ def generate(**flags) -> None:
         decoding = DecodingConfig(**{k: v for k, v in given.items() if k in _DECODING_KEYS})
         cfg = GenerateConfig(decoding=decoding, **{k: v for k, v in given.items() if k not in _DECODING_KEYS})
         summary = run_generate(cfg, log=lambda m: click.echo(m, err=True))
+        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the job
+            return
         click.echo(f"wrote {summary['written']} answer(s) to {cfg.out} ({summary['already_done']} already there, "
                    f"{summary['questions']} questions)", err=True)

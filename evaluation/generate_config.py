@@ -151,6 +151,11 @@ class GenerateConfig:
     """Start a fresh output file instead of resuming."""
     trust_remote_code: bool = False
     """Allow custom modelling code from the model directory."""
+    num_chunks: int = 1
+    """Split the questions into N contiguous chunks (whole batches) and answer only --chunk-idx's, into
+    --out (for schedulers without torchrun; join the chunks with medalign-eval merge)."""
+    chunk_idx: int = 0
+    """Which chunk (0 .. N-1) of --num-chunks this run answers."""
 
     def __post_init__(self):
         for name in ("model", "data", "image_root", "out"):
@@ -164,6 +169,11 @@ class GenerateConfig:
         if self.closed_suffix not in CLOSED_SUFFIX_MODES:
             raise MedAlignError(f"unknown --closed-suffix {self.closed_suffix!r}; valid: {', '.join(CLOSED_SUFFIX_MODES)}")
         check_device_flag(self.device)
+        if int(self.num_chunks) < 1:
+            raise MedAlignError(f"--num-chunks must be >= 1, got {self.num_chunks}")
+        if not 0 <= int(self.chunk_idx) < int(self.num_chunks):
+            raise MedAlignError(f"--chunk-idx must be in 0..{int(self.num_chunks) - 1} (--num-chunks "
+                                f"{self.num_chunks}), got {self.chunk_idx}")
 
     def resolved(self, family: StudentFamily, device: Any) -> "GenerateConfig":
         """A copy with every ``auto`` replaced: the family's ``max_new_tokens``, and its half precision

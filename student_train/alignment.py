@@ -17,7 +17,9 @@ Both live inside an unmodified transformers ``LlavaForConditionalGeneration``:
   every layer; for the one attention module marked by :func:`install` (``layers[l].self_attn``)
   and only while :attr:`AlignState.query_mask` is set, it also computes the attention
   probabilities of the requested query rows (per sample) to the sample's N visual key columns,
-  averaged over heads, from those rows alone (never the T x T matrix).
+  averaged over heads, from those rows alone (never the T x T matrix). A module may also carry a
+  per-head capture (:data:`HEAD_CAPTURE_ATTR`, A3Tune's, in every layer:
+  :mod:`student_train.head_attention`), called with the same query / key / mask.
 
 Gradient checkpointing recomputes the layer (and so both hooks and the attention function) during
 backward: the state read by them (positions, query mask) must not change between the forward and
@@ -43,6 +45,9 @@ from shared.errors import MedAlignError
 ATTN_IMPL = "medalign_sdpa"
 
 _CAPTURE_ATTR = "_medalign_capture_state"
+#: Attribute of an attention module holding a per-layer head capture (student_train/head_attention.py):
+#: any object with ``capture(query, key, attention_mask, scaling)``, called before the SDPA output.
+HEAD_CAPTURE_ATTR = "_medalign_head_capture"
 
 
 class Rotation(nn.Module):
@@ -106,7 +111,7 @@ class AlignHandles:
 # --------------------------------------------------------------------------- attention function
 
 
-def _key_mask_rows(
+def key_mask_rows(
     attention_mask: torch.Tensor | None, rows: torch.Tensor, q_len: int, kv_len: int
 ) -> torch.Tensor:
     """Allowed-key mask of the selected query rows.
@@ -144,7 +149,7 @@ def capture_query_attention(
     Args:
         query: [B, H, T, D]; key: [B, Hkv, S, D] (H a multiple of Hkv, GQA handled without
             repeating the keys).
-        attention_mask: as given to the attention function (see :func:`_key_mask_rows`).
+        attention_mask: as given to the attention function (see :func:`key_mask_rows`).
         scaling: the softmax scale.
         query_mask: [B, T] bool, the query rows per sample.
         visual_mask: [B, S] bool with the same number N of True entries in every row.
@@ -171,7 +176,7 @@ def capture_query_attention(
     q_sel = q_sel.reshape(b, hkv, g * r, d).float()
     scores = (q_sel @ key.float().transpose(-1, -2)) * scaling  # [B, Hkv, G*R, S]
     scores = scores.reshape(b, h, r, s)
-    allowed = _key_mask_rows(attention_mask, rows, t, s)  # [B, 1, R, S]
+    allowed = key_mask_rows(attention_mask, rows, t, s)  # [B, 1, R, S]
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # fully masked padding rows
@@ -192,7 +197,11 @@ def medalign_attention_forward(
     scaling: float | None = None,
     **kwargs,
 ):
-    """SDPA attention for every layer, plus the query-row capture at the marked module."""
+    """SDPA attention for every layer, plus the query-row capture at the marked module (and the
+    per-head capture of :mod:`student_train.head_attention` where one is attached)."""
+    head_capture = getattr(module, HEAD_CAPTURE_ATTR, None)
+    if head_capture is not None:
+        head_capture.capture(query, key, attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
     state: AlignState | None = getattr(module, _CAPTURE_ATTR, None)
     if (
         state is not None

@@ -21,6 +21,13 @@ from shared.runtime import check_device_flag
 ATT_NORMS = ("l2", "sum", "softmax")
 DEFAULT_ATT_NORM = ATT_NORMS[0]
 
+#: The training methods (student_train/methods/: one module each); the first is the default.
+METHODS = ("medalign", "a3tune")
+#: A3Tune's attention losses (student_train/a3_losses.py); the first is the default (the 1.5 VQA scripts').
+A3_LOSSES = ("squared", "kl")
+#: A3MoE presets (student_train/a3moe.py MOE_PRESETS): the VQA scripts' and the report scripts'.
+A3_MOE_PRESETS = ("vqa", "report")
+
 #: Micro-batches per optimizer step when neither --grad-accum nor --global-batch-size is given.
 DEFAULT_GRAD_ACCUM = 8
 
@@ -144,6 +151,57 @@ class AlignArgs:
 
 
 @dataclass
+class MethodArgs:
+    """Which training method runs (student_train/methods/)."""
+
+    method: str = field(default=METHODS[0], metadata={"choices": METHODS})
+    """medalign (L_vis + L_att from a MedAlign teacher cache) or a3tune (head-selective attention
+    alignment to SAM + BiomedCLIP weak masks from an A3 cache, optionally with A3MoE)."""
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise MedAlignError(f"unknown --method {self.method!r}; valid: {', '.join(METHODS)}")
+
+
+@dataclass
+class A3Args:
+    """A3Tune (--method a3tune): head selection, the attention loss and A3MoE. The authors' 1.5
+    scripts: lambda 0.09 VQA-RAD, 0.03 SLAKE, 0.02 PathVQA, 0.25 IU-Xray, 0.05 MIMIC."""
+
+    a3_top_heads: int = 128
+    """Heads of all layers selected per sample and step by their visual attention ratio."""
+    a3_loss: str = field(default=A3_LOSSES[0], metadata={"choices": A3_LOSSES})
+    """squared: mean over rows of (1 - mass on the mask / mass on the image)^2; kl: KL(mask || map),
+    batchmean over the rows."""
+    a3_lambda: float = 0.09
+    """Weight of the attention loss (L = L_LM + lambda L_att)."""
+    a3_moe: bool = False
+    """A3MoE: LoRA experts on q_proj / k_proj (LoRA then leaves q_proj / k_proj out)."""
+    a3_moe_preset: str = field(default=A3_MOE_PRESETS[0], metadata={"choices": A3_MOE_PRESETS})
+    """vqa: q 8 dense experts, k 16 experts top-1; report: q 1 expert, k 8 experts top-2."""
+    a3_balance: float = 0.0
+    """Weight of A3MoE's load-balancing loss (0 in the VQA scripts, 0.01 in the report scripts)."""
+    a3_reference_moe: bool = False
+    """The authors' sparse expert forward (no gate multiply; top-2 overwrites instead of summing)."""
+
+    def __post_init__(self):
+        if isinstance(self.a3_top_heads, bool) or not isinstance(self.a3_top_heads, int):
+            raise MedAlignError(f"--a3-top-heads must be an integer, got {self.a3_top_heads!r}")
+        _positive("--a3-top-heads", self.a3_top_heads)
+        if self.a3_loss not in A3_LOSSES:
+            raise MedAlignError(f"unknown --a3-loss {self.a3_loss!r}; valid: {', '.join(A3_LOSSES)}")
+        if self.a3_moe_preset not in A3_MOE_PRESETS:
+            raise MedAlignError(f"unknown --a3-moe-preset {self.a3_moe_preset!r}; "
+                                f"valid: {', '.join(A3_MOE_PRESETS)}")
+        _positive("--a3-lambda", self.a3_lambda, allow_zero=True)
+        _positive("--a3-balance", self.a3_balance, allow_zero=True)
+        if not self.a3_moe:
+            for name in ("a3_balance", "a3_reference_moe"):
+                if getattr(self, name):
+                    raise MedAlignError(f"--{name.replace('_', '-')} needs --a3-moe")
+
+
+@dataclass
 class OptimArgs:
     """AdamW, cosine schedule with warmup, and how long to train."""
 
@@ -236,7 +294,7 @@ class RunArgs:
 
 
 GROUPS = {"data": DataArgs, "model": ModelArgs, "lora": LoraArgs, "align": AlignArgs, "optim": OptimArgs,
-          "run": RunArgs}
+          "run": RunArgs, "method": MethodArgs, "a3": A3Args}
 
 #: Keys that may differ between a run and its resumption (they do not change what is learned).
 #: (``global_batch_size`` only says how ``grad_accum`` was chosen; the resolved value is compared.)
@@ -259,10 +317,22 @@ class TrainConfig:
     align: AlignArgs
     optim: OptimArgs
     run: RunArgs
+    method: MethodArgs = field(default_factory=MethodArgs)
+    a3: A3Args = field(default_factory=A3Args)
 
     def __post_init__(self):
         for group in GROUPS:
             _check_finite(getattr(self, group))
+        if self.method.method == "a3tune":
+            if self.a3.a3_lambda > 0 and not self.align.cache:
+                raise MedAlignError(f"--method a3tune needs --cache (an A3 cache: medalign-cache build --signals "
+                                    f"a3tune) when --a3-lambda ({self.a3.a3_lambda}) is > 0")
+            return
+        changed = [f.name for f in fields(A3Args) if getattr(self.a3, f.name) != f.default]
+        if changed:
+            raise MedAlignError(f"{', '.join('--' + n.replace('_', '-') for n in changed)} only appl"
+                                f"{'ies' if len(changed) == 1 else 'y'} to --method a3tune "
+                                f"(this run is --method {self.method.method})")
         if self.align.distill and not self.align.cache:
             raise MedAlignError(
                 f"--cache is required when --alpha ({self.align.alpha}) or --beta ({self.align.beta}) is > 0; "

@@ -18,6 +18,8 @@ Images are read with :func:`shared.images.load_image`, padded to a square with t
 mean colour (LLaVA ``image_aspect_ratio=pad``) and processed by the model's CLIP image processor
 with the PIL backend (the torchvision one differs from the reference pixels by up to 0.015). The
 teacher cache is opened lazily in whichever process reads it (one reader per DataLoader worker).
+A record may name a ``teacher_image`` whose cache row trains it instead of its own image's (the
+grounding benchmark's shuffled-teacher control); that image's bytes are checked against the row.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 
 from shared.errors import MedAlignError
-from shared.images import mean_colour, resolve_image_path
+from shared.images import mean_colour, resolve_image_path, sha256_file
 from shared.records import answer_text, first_turn, load_records, question_text, record_id, record_image
 from student_train.inputs import (IGNORE_INDEX, Encoded, adds_bos, answer_end_id, encode_sample, expand,
                                   student_image)
@@ -67,8 +69,20 @@ class Sample:
     image: str
     """Dataset-relative image path."""
     enc: Encoded
+    teacher_row: int | str | None
+    """Row in the teacher cache (MedAlign) or the question key (another method's lookup); None
+    without a teacher entry (or without a cache)."""
     teacher_row: int | None
     """Row in the teacher cache, None without a teacher entry (or without a cache)."""
+    teacher_image: str | None = None
+    """The image whose teacher signals train this sample (the record's ``teacher_image``, by
+    default its own ``image``)."""
+
+
+def teacher_image(rec: dict) -> str | None:
+    """The image whose teacher row trains the record: ``teacher_image`` when the record names one
+    (a control such as the grounding benchmark's shuffled teacher), else the record's own image."""
+    return rec.get("teacher_image") or record_image(rec)
 
 
 def _describe(path, i: int, rec: dict) -> str:
@@ -92,6 +106,7 @@ def build_samples(
     max_length: int,
     cache_path: str | Path | None = None,
     allow_missing: bool = False,
+    lookup=None,
 ) -> tuple[list[Sample], DataStats]:
     """Load, validate and tokenise a dataset; deterministic (identical on every rank).
 
@@ -99,6 +114,10 @@ def build_samples(
     column), a record without an image or without a ``gpt`` turn, a missing image file, and (unless
     ``allow_missing``) images absent from the cache at ``cache_path``. Samples longer than
     ``max_length`` tokens once the image tokens are expanded are dropped and counted.
+
+    ``lookup`` (another method's teacher, e.g. :class:`student_train.methods.a3tune_data.A3Lookup`):
+    ``lookup(record) -> teacher key or None`` instead of the MedAlign cache at ``cache_path``; it has
+    a ``path`` (named in the messages) and may raise a MedAlignError for a stale entry.
     """
     records = load_records(data_path)
     if not records:
@@ -125,23 +144,30 @@ def build_samples(
         raise MedAlignError(f"{len(missing_file)} image file(s) not found under --image-root {root}: "
                             + _listing(missing_file[:SHOW], len(missing_file)))
 
-    rows: list[int | None] = [None] * len(records)
+    rows: list[int | str | None] = [None] * len(records)
     stats = DataStats(records=len(records), max_length=max_length)
-    if cache_path is not None:
+    if lookup is not None:
+        cache_path = lookup.path
+        rows = [lookup(rec) for rec in records]
+        absent = [f"question {record_id(rec) or i} ({_describe(data_path, i, rec)})"
+                  for i, rec in enumerate(records) if rows[i] is None]
+        what = "question(s)"
+    elif cache_path is not None:
         from shared.cache import open_cache
         reader = open_cache(cache_path)  # index lookups only; the dataset reopens lazily per worker
         absent = []
         for i, rec in enumerate(records):
-            rows[i] = reader.lookup(record_image(rec), root)
+            rows[i] = reader.lookup(teacher_image(rec), root)
             if rows[i] is None:
-                absent.append(f"{record_image(rec)} ({_describe(data_path, i, rec)})")
+                absent.append(f"{teacher_image(rec)} ({_describe(data_path, i, rec)})")
         del reader
-        if absent and not allow_missing:
-            raise MedAlignError(
-                f"{len(absent)} of {len(records)} image(s) are not in the teacher cache {cache_path}: "
-                + _listing(absent[:SHOW], len(absent))
-                + ". Build the cache for this data, or pass --allow-missing to train those samples "
-                  "with the LM loss only")
+        what = "image(s)"
+    if cache_path is not None and absent and not allow_missing:
+        raise MedAlignError(
+            f"{len(absent)} of {len(records)} {what} are not in the teacher cache {cache_path}: "
+            + _listing(absent[:SHOW], len(absent))
+            + ". Build the cache for this data, or pass --allow-missing to train those samples "
+              "with the LM loss only")
 
     samples: list[Sample] = []
     bos, end = adds_bos(tokenizer), answer_end_id(tokenizer, template)
@@ -157,7 +183,7 @@ def build_samples(
         if cache_path is not None and rows[i] is None:
             stats.no_teacher += 1
             stats.no_teacher_ids.append(record_id(rec) or str(i))
-        samples.append(Sample(i, record_id(rec), record_image(rec), enc, rows[i]))
+        samples.append(Sample(i, record_id(rec), record_image(rec), enc, rows[i], teacher_image(rec)))
     stats.used = len(samples)
     if not samples:
         raise MedAlignError(f"{data_path}: all {len(records)} samples are longer than --max-length "
@@ -169,18 +195,22 @@ def build_samples(
 class TrainDataset(torch.utils.data.Dataset):
     """Samples -> tensors. Reads the image and (lazily, per process) the teacher cache.
 
-    ``teacher`` is False for plain LoRA fine-tuning: no cache is opened and no teacher keys are
-    returned.
+    Without ``cache_path`` and ``teacher`` (plain LoRA fine-tuning) no cache is opened and no teacher
+    keys are returned. ``teacher`` (another method's source, e.g.
+    :class:`student_train.methods.a3tune_data.A3Teacher`) gives a sample's teacher fields by
+    ``teacher.fields(sample.teacher_row, image path, image sha256)``.
     """
 
     def __init__(self, samples: list[Sample], image_root: str | Path, image_processor, *,
-                 image_token_id: int, num_image_tokens: int, cache_path: str | Path | None = None):
+                 image_token_id: int, num_image_tokens: int, cache_path: str | Path | None = None,
+                 teacher=None):
         self.samples = samples
         self.image_root = Path(image_root)
         self.processor = image_processor
         self.image_token_id = int(image_token_id)
         self.num_image_tokens = int(num_image_tokens)
         self.cache_path = None if cache_path is None else str(cache_path)
+        self.teacher = teacher
         self.background = mean_colour(tuple(image_processor.image_mean))
         self._reader = None  # opened on first read in the process that reads
 
@@ -221,8 +251,12 @@ class TrainDataset(torch.utils.data.Dataset):
         try:
             item["pixel_values"], digest = student_image(
                 self.processor, resolve_image_path(self.image_root, s.image), self.background)
+            if self.teacher is not None:
+                item.update(self.teacher.fields(s.teacher_row, s.image, digest))
             if self.cache_path is not None and s.teacher_row is not None:
-                self._check_key(s.image, s.teacher_row, digest)
+                if s.teacher_image not in (None, s.image):  # another image's row: check that image's bytes
+                    digest = sha256_file(resolve_image_path(self.image_root, s.teacher_image))
+                self._check_key(s.teacher_image or s.image, s.teacher_row, digest)
         except MedAlignError as e:  # plain MedAlignError survives the DataLoader worker boundary
             raise MedAlignError(f"sample {s.record_id or s.index}: {e}") from None
         if self.cache_path is not None:
@@ -260,13 +294,18 @@ def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
 
 
 class Collator:
-    """Picklable collate_fn bound to a pad id (DataLoader workers need a picklable callable)."""
+    """Picklable collate_fn bound to a pad id (DataLoader workers need a picklable callable), and to
+    a method's teacher source, whose ``collate(items)`` adds its batch fields."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, teacher=None):
         self.pad_id = int(pad_id)
+        self.teacher = teacher
 
     def __call__(self, items):
-        return collate(items, self.pad_id)
+        batch = collate(items, self.pad_id)
+        if self.teacher is not None:
+            batch.update(self.teacher.collate(items))
+        return batch
 
 
 class RankSampler(torch.utils.data.DistributedSampler):

@@ -8,6 +8,8 @@ Public API (used by the training recipe and by evaluation):
 * :func:`prepare_student`: LoRA on the language model's linear layers only, the projector trainable
   iff asked (saved with the adapter through PEFT's ``modules_to_save``), the rotation ``W`` and the
   attention capture installed (only what the loss weights need), everything else frozen.
+* :func:`prepare_lora` / :func:`freeze_projector` / :func:`add_saver`: the pieces other training
+  methods (student_train/methods/) prepare with.
 * :func:`param_groups`, :func:`enable_gradient_checkpointing`.
 * :func:`compute_losses` -> ``{"loss", "lm_loss", "vis_loss", "att_loss"}``.
 * :func:`save_trained` / :func:`load_trained`: the PEFT adapter (standard format) plus
@@ -129,18 +131,19 @@ def num_layers(model_or_config) -> int:
 # --------------------------------------------------------------------------- preparing
 
 
-def language_linear_targets(model: nn.Module) -> str:
+def language_linear_targets(model: nn.Module, exclude: tuple[str, ...] = ()) -> str:
     """A PEFT ``target_modules`` regex matching exactly the ``nn.Linear`` layers of the language
-    model (``model.language_model.*``): not the vision tower, not the projector, not ``lm_head``."""
+    model (``model.language_model.*``): not the vision tower, not the projector, not ``lm_head``,
+    and none whose last name is in ``exclude`` (e.g. ``("q_proj", "k_proj")`` under A3MoE)."""
     base = unwrap(model)
     names = [
         name
         for name, mod in base.named_modules()
         if isinstance(mod, nn.Linear) and name.startswith("model.language_model.")
     ]
-    if not names:
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names} - set(exclude))
+    if not suffixes:
         raise MedAlignError("the student's language model has no linear layers to put LoRA on")
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
     return r"^model\.language_model\..*\.(" + "|".join(re.escape(s) for s in suffixes) + r")$"
 
 
@@ -152,26 +155,48 @@ def prepare_student(model: nn.Module, lora: LoraArgs, align: AlignArgs, train_pr
     the rotation W (fp32 zeros, trainable) on ``layers[l-1]``, and if ``align.beta > 0`` the
     attention capture at ``layers[l]``. Everything else is frozen.
     """
+    alignment.check_layer(align.align_layer, num_layers(model))
+    peft_model = prepare_lora(model, lora, train_projector)
+    if align.distill:
+        alignment.install(peft_model, align.align_layer, align.eps, rotation=True, capture=align.beta > 0)
+    freeze_projector(peft_model, train_projector)
+    return peft_model
+
+
+def prepare_lora(model: nn.Module, lora: LoraArgs, train_projector: bool, exclude: tuple[str, ...] = ()):
+    """Freeze ``model`` and wrap it in a ``PeftModel``: LoRA on the language model's linear layers
+    (minus ``exclude``), the projector in ``modules_to_save`` iff ``train_projector``."""
     from peft import LoraConfig, get_peft_model
 
-    alignment.check_layer(align.align_layer, num_layers(model))
     for p in model.parameters():
         p.requires_grad_(False)
     config = LoraConfig(
         r=int(lora.lora_r),
         lora_alpha=lora.lora_alpha,
         lora_dropout=float(lora.lora_dropout),
-        target_modules=language_linear_targets(model),
+        target_modules=language_linear_targets(model, exclude),
         modules_to_save=[PROJECTOR] if train_projector else None,
         bias="none",
     )
-    peft_model = get_peft_model(model, config)
-    if align.distill:
-        alignment.install(peft_model, align.align_layer, align.eps, rotation=True, capture=align.beta > 0)
-    for name, p in peft_model.named_parameters():
+    return get_peft_model(model, config)
+
+
+def freeze_projector(model: nn.Module, train_projector: bool) -> None:
+    """Keep the projector frozen unless ``train_projector`` (call after installing extra modules)."""
+    for name, p in model.named_parameters():
         if PROJECTOR in name and not train_projector:
             p.requires_grad_(False)
-    return peft_model
+
+
+def add_saver(model: nn.Module, saver) -> None:
+    """Register ``saver(model, run_dir)``: extra files :func:`save_trained` writes with the adapter
+    (a training method's modules, e.g. A3MoE's experts)."""
+    base = unwrap(model)
+    savers = getattr(base, "_medalign_savers", None)
+    if savers is None:
+        savers = []
+        object.__setattr__(base, "_medalign_savers", savers)
+    savers.append(saver)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -295,6 +320,8 @@ def save_trained(model: nn.Module, run_dir: str | Path) -> None:
         save_file({"weight": w}, str(run_dir / ROTATION_WEIGHTS))
         meta = {"layer": handles.layer, "eps": handles.rotation.eps, "hidden_size": int(w.shape[0])}
         (run_dir / ROTATION_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    for saver in getattr(unwrap(model), "_medalign_savers", None) or ():
+        saver(model, run_dir)
 
 
 def load_rotation(run_dir: str | Path) -> tuple[torch.Tensor, dict] | None:
@@ -323,7 +350,9 @@ def load_trained(
 
     The rotation is installed without the capture, so it acts on the prefill (the forward that
     holds the image tokens) and not on single-token decoding steps. With ``merge`` the LoRA
-    weights are merged into the base weights (faster generation).
+    weights are merged into the base weights (faster generation). A run with ``moe.json`` (A3Tune's
+    A3MoE) gets its q_proj/k_proj experts installed and loaded after the adapter (whose LoRA
+    excludes q/k): :func:`student_train.a3moe.load_moe`.
     """
     from peft import PeftModel
 
@@ -333,6 +362,8 @@ def load_trained(
     model = PeftModel.from_pretrained(model, run_dir)
     if merge:
         model = model.merge_and_unload()
+    from student_train.a3moe import load_moe
+    load_moe(model, run_dir)  # A3Tune runs: the q/k experts (moe.json + moe.safetensors), else nothing
     rot = load_rotation(run_dir)
     if rot is not None:
         w, meta = rot
@@ -354,4 +385,7 @@ __all__ = [
     "load_rotation",
     "check_adapter_dir",
     "language_linear_targets",
+    "prepare_lora",
+    "freeze_projector",
+    "add_saver",
 ]

@@ -1,4 +1,5 @@
-"""Validation before training: :func:`plan_run` checks the model directory, layer, cache, data and
+"""Validation before training: :func:`plan_run` checks the model directory, the method's settings
+(student_train/methods/: the MedAlign layer, A3Tune's head count), cache, data and
 RUN_DIR (and whether a ``--resume`` may continue it) before the model is loaded or RUN_DIR created.
 
 The result, a :class:`Plan`, is everything the recipe needs that is cheap to load: the LLaVA config,
@@ -7,6 +8,7 @@ tokenizer, image processor, template, the validated sample list and the teacher 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +45,7 @@ def _check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
     saved_path = run_dir / "config.json"
     if not saved_path.is_file():
         raise MedAlignError(f"{run_dir} has checkpoints but no config.json; cannot check what it was trained with")
-    saved = {k: v for group in json.loads(saved_path.read_text()).values() for k, v in group.items()}
+    saved = _saved_settings(saved_path)
     now = cfg.flat()
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
@@ -52,22 +54,19 @@ def _check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
                             "use the same settings or a new --out")
 
 
-def _teacher_identity(cfg: TrainConfig, n_tokens: int) -> dict | None:
-    """The cache's identity after checking its grid against the student's; None without distillation."""
-    if not cfg.align.distill:
-        return None
-    from shared.cache import open_cache
-    from shared.cache.check import require_structure
+def _saved_settings(saved_path: Path) -> dict:
+    """The flat settings of a saved config.json; groups a run saved before they existed read as
+    their defaults (an older MedAlign run resumes as --method medalign)."""
+    from dataclasses import fields
 
-    require_structure(cfg.align.cache)  # cheap: no chunk is read; before anything big is loaded
-    reader = open_cache(cfg.align.cache)
-    m = reader.manifest
-    if m.num_tokens != n_tokens:
-        raise MedAlignError(
-            f"the cache {cfg.align.cache} holds teacher signals on a {m.grid}x{m.grid} grid "
-            f"(N = {m.num_tokens}, expert {m.expert}) but the student {cfg.model.model} has "
-            f"{n_tokens} image tokens per image; build the cache with --grid matching the student")
-    return reader.identity()
+    from student_train.config import GROUPS
+
+    saved = {k: v for group in json.loads(saved_path.read_text()).values() for k, v in group.items()}
+    for cls in GROUPS.values():
+        for f in fields(cls):
+            if f.name not in saved and f.default is not dataclasses.MISSING:
+                saved[f.name] = f.default
+    return saved
 
 
 def plan_run(cfg: TrainConfig, world_size: int = 1) -> Plan:
@@ -75,15 +74,16 @@ def plan_run(cfg: TrainConfig, world_size: int = 1) -> Plan:
     data and RUN_DIR, in that order; load nothing big. ``Plan.cfg`` has ``grad_accum`` resolved."""
     from transformers import AutoTokenizer
 
-    from student_train.alignment import check_layer
-    from student_train.model import num_image_tokens, num_layers, read_llava_config
+    from student_train.methods import get_method
+    from student_train.model import num_image_tokens, read_llava_config
 
     cfg = cfg.for_world(world_size)
+    method = get_method(cfg.method.method)
     llava_config = read_llava_config(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code, what="--model")
-    check_layer(cfg.align.align_layer, num_layers(llava_config))
+    method.check_model(cfg, llava_config)
     n_tokens = num_image_tokens(llava_config)
     image_token_id = int(llava_config.image_token_id)
-    teacher = _teacher_identity(cfg, n_tokens)
+    teacher = method.teacher_identity(cfg, n_tokens)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
@@ -99,7 +99,7 @@ def plan_run(cfg: TrainConfig, world_size: int = 1) -> Plan:
     samples, stats = build_samples(
         cfg.data.data, cfg.data.image_root, tokenizer, template,
         image_token_id=image_token_id, num_image_tokens=n_tokens, max_length=cfg.data.max_length,
-        cache_path=cfg.align.cache if teacher else None, allow_missing=cfg.data.allow_missing)
+        allow_missing=cfg.data.allow_missing, **method.sample_kwargs(cfg, teacher, n_tokens))
 
     out = cfg.out
     resume_from = None

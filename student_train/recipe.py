@@ -1,4 +1,7 @@
-"""The MedAlign training recipe: ``setup -> train -> save_checkpoint -> cleanup``, read top to bottom.
+"""The training recipe: ``setup -> train -> save_checkpoint -> cleanup``, read top to bottom.
+
+The training method (``--method``: MedAlign, A3Tune; :mod:`student_train.methods`) prepares the
+student, gives the loss step and names the logged loss terms; the rest is shared.
 
 One process per device (:mod:`student_train.distributed`). Under ``torchrun --nproc-per-node K``
 every rank builds the same validated sample list, reads its own slice of each epoch's order
@@ -11,12 +14,15 @@ before the model is loaded or ``RUN_DIR`` is created. ``RUN_DIR`` then holds::
 
     adapter_config.json, adapter_model.safetensors   the PEFT adapter (PeftModel.from_pretrained)
     rotation.safetensors, rotation.json              W (fp32) and its layer / eps (when alpha or beta > 0)
+    moe.safetensors, moe.json                        A3MoE's experts and settings (--method a3tune --a3-moe)
     config.json                                      the resolved configuration
     teacher.json                                     the cache identity (who taught the run), or null
     data_stats.json                                  records used / skipped as too long / without teacher
     train_log.jsonl                                  one line per optimizer step (rank 0)
-    tb/                                              TensorBoard: loss, lm_loss, vis_loss, att_loss, lr,
-                                                     grad_norm, samples_per_s, peak_mem_mib
+    tb/                                              TensorBoard: loss, the method's terms (MedAlign:
+                                                     lm_loss, vis_loss, att_loss; A3Tune: lm_loss,
+                                                     a3_att_loss, balance_loss), lr, grad_norm,
+                                                     samples_per_s, peak_mem_mib
     checkpoints/step-XXXXXXXX/                       the latest checkpoint(s), written atomically
 
 The adapter and W in the run root are written when the run completes.
@@ -40,7 +46,8 @@ from student_train.data import Collator, RankSampler, TrainDataset
 from student_train.distributed import destroy_distributed, init_distributed
 from student_train.plan import Plan, plan_run
 from student_train.rng import seed_everything
-from student_train.train_log import LOG_NAMES, StepLog, log, peak_memory_mib
+from student_train.methods import get_method
+from student_train.train_log import StepLog, log, peak_memory_mib
 
 
 class Recipe:
@@ -48,6 +55,8 @@ class Recipe:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.method = get_method(cfg.method.method)
+        self.log_names = self.method.log_names
         self.plan: Plan | None = None
         self.dist = None
         self.step_log: StepLog | None = None
@@ -75,18 +84,18 @@ class Recipe:
             seed_everything(cfg.run.seed + self.dist.rank)
         if self.dist.rank == 0:
             self.step_log = StepLog(self.out, step=self.global_step, total_steps=self.total_steps,
-                                    log_every=cfg.run.log_every)
+                                    log_every=cfg.run.log_every, names=self.log_names)
         self._describe()
 
     def _load_model(self) -> None:
-        from student_train.model import enable_gradient_checkpointing, load_student, prepare_student
+        from student_train.model import enable_gradient_checkpointing, load_student
 
         cfg = self.cfg
         dtype = torch_dtype("bfloat16" if cfg.model.bf16 else "float32")
         model, _ = load_student(cfg.model.model, dtype=dtype, device=self.device,
                                 trust_remote_code=cfg.model.trust_remote_code)
         seed_everything(cfg.run.seed)  # identical LoRA init on every rank
-        model = prepare_student(model, cfg.lora, cfg.align, train_projector=cfg.optim.projector_lr > 0)
+        model = self.method.prepare(model, cfg, train_projector=cfg.optim.projector_lr > 0)
         for p in model.parameters():  # trainable weights in fp32 (bf16 runs keep the frozen base in bf16)
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
@@ -105,7 +114,7 @@ class Recipe:
         cfg, plan = self.cfg, self.plan
         self.dataset = TrainDataset(plan.samples, cfg.data.image_root, plan.image_processor,
                                     image_token_id=plan.image_token_id, num_image_tokens=plan.num_image_tokens,
-                                    cache_path=cfg.align.cache if plan.teacher else None)
+                                    **self.method.dataset_kwargs(cfg, plan))
         self.sampler = RankSampler(len(self.dataset), rank=self.dist.rank, world_size=self.dist.world_size,
                                    seed=cfg.run.seed)
         bs, ga = cfg.optim.batch_size, cfg.optim.grad_accum
@@ -119,7 +128,7 @@ class Recipe:
         # The loader draws its worker seed from its own generator, never from the global RNG
         # (which drives dropout), so a resumed run sees the same random stream.
         return torch.utils.data.DataLoader(
-            self.dataset, batch_size=bs, sampler=self.sampler, collate_fn=Collator(self.plan.pad_id),
+            self.dataset, batch_size=bs, sampler=self.sampler, collate_fn=Collator(self.plan.pad_id, self.dataset.teacher),
             num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(self.cfg.run.seed))
 
@@ -142,7 +151,7 @@ class Recipe:
         (self.out / CHECKPOINTS).mkdir(exist_ok=True)
         atomic_write_json(self.out / "config.json", self.cfg.to_dict())
         teacher = plan.teacher if plan.teacher is not None else {
-            "teacher": None, "reason": "alpha = beta = 0: plain LoRA fine-tuning, no teacher signals"}
+            "teacher": None, "reason": self.method.no_teacher_reason}
         atomic_write_json(self.out / "teacher.json", teacher)
         atomic_write_json(self.out / "data_stats.json", {**plan.stats.to_json(), "template": plan.template.name,
                                                         "num_image_tokens": plan.num_image_tokens})
@@ -154,10 +163,11 @@ class Recipe:
         log(f"data: {s.used} of {s.records} samples ({s.too_long} skipped as longer than --max-length "
             f"{s.max_length}); template {plan.template.name}; {plan.num_image_tokens} image tokens", r)
         if plan.teacher:
-            log(f"teacher: {plan.teacher.get('expert')} cache {plan.teacher.get('path')}; "
+            who = plan.teacher.get("expert") or plan.teacher.get("method")
+            log(f"teacher: {who} cache {plan.teacher.get('path')}; "
                 f"{s.no_teacher} sample(s) without a teacher entry train with the LM loss only", r)
         else:
-            log("teacher: none (alpha = beta = 0, plain LoRA fine-tuning)"
+            log(f"teacher: none ({self.method.no_teacher_reason})"
                 + ("; --cache is not used" if cfg.align.cache else ""), r)
         log(f"trainable parameters: {n_train:,}; {self.dist.world_size} process(es) on {self.device}; "
             f"{self.steps_per_epoch} optimizer steps per epoch, {self.total_steps} in total"
@@ -189,8 +199,7 @@ class Recipe:
         """Stop before a non-finite loss or gradient reaches the weights: nothing is updated or saved
         from this step, and the last checkpoint stays resumable. (The losses are already averaged
         over the ranks and the gradients all-reduced, so every rank stops at the same step.)"""
-        bad = [name.removesuffix("_loss") for name in ("lm_loss", "vis_loss", "att_loss")
-               if not math.isfinite(losses[name])]
+        bad = [name.removesuffix("_loss") for name in self.log_names[1:] if not math.isfinite(losses[name])]
         if not bad and math.isfinite(grad_norm):
             return
         what = f"loss term(s) {', '.join(bad)}" if bad else f"gradient norm ({grad_norm})"
@@ -204,11 +213,12 @@ class Recipe:
         the micro-batches and ranks, sample counts summed over the ranks)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        sums = torch.zeros(len(LOG_NAMES) + 2, device=self.device)
+        names = self.log_names
+        sums = torch.zeros(len(names) + 2, device=self.device)
         for m in range(window):
             batch = next(batches)
             terms = self._loss_step(batch, window, sync=m == window - 1)
-            sums[: len(LOG_NAMES)] += torch.stack([terms[k] for k in LOG_NAMES]) / window
+            sums[: len(names)] += torch.stack([terms[k] for k in names]) / window
             sums[-2] += len(batch["input_ids"])
             if "teacher_mask" in batch:
                 sums[-1] += int((~batch["teacher_mask"]).sum())
@@ -217,8 +227,8 @@ class Recipe:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)  # the norm before clipping
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        means = self.dist.mean(sums[: len(LOG_NAMES)]).tolist()
-        self._check_finite(step, dict(zip(LOG_NAMES, means)), float(grad_norm))
+        means = self.dist.mean(sums[: len(names)]).tolist()
+        self._check_finite(step, dict(zip(names, means)), float(grad_norm))
         lrs = [g["lr"] for g in self.optimizer.param_groups]  # the rates this step used
         self.optimizer.step()
         self.scheduler.step()
@@ -226,7 +236,7 @@ class Recipe:
         counts = self.dist.sum(sums[-2:])
         samples = int(counts[0])
         peak = self.dist.max(torch.tensor([peak_memory_mib(self.device)], device=self.device))
-        record = {"step": step, "epoch": epoch, **dict(zip(LOG_NAMES, means)), "lr": lrs[0],
+        record = {"step": step, "epoch": epoch, **dict(zip(names, means)), "lr": lrs[0],
                   "grad_norm": float(grad_norm), "samples_per_s": samples / max(time.perf_counter() - t0, 1e-9),
                   "peak_mem_mib": float(peak[0]), "samples": samples}
         if self.plan.teacher:
@@ -237,16 +247,14 @@ class Recipe:
 
     def _loss_step(self, batch: dict, window: int, sync: bool) -> dict[str, torch.Tensor]:
         """Forward + backward of one micro-batch; returns the detached loss terms."""
-        from student_train.model import compute_losses
-
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         ctx = nullcontext() if sync or not self.dist.enabled else self.ddp.no_sync()
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.model.bf16)
         with ctx:
             with autocast:
-                losses = compute_losses(self.ddp, batch, self.cfg.align)
+                losses = self.method.compute_losses(self.ddp, batch, self.cfg)
             (losses["loss"] / window).backward()
-        return {k: losses[k].detach().float() for k in LOG_NAMES}
+        return {k: losses[k].detach().float() for k in self.log_names}
 
     # ---- save -------------------------------------------------------------------------------
     def save_checkpoint(self):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-#: The loss terms of every record (:func:`student_train.model.compute_losses`).
+#: The loss terms of a MedAlign record (:func:`student_train.model.compute_losses`); other methods
+#: name theirs (``TrainingMethod.log_names``).
 LOG_NAMES = ("loss", "lm_loss", "vis_loss", "att_loss")
 #: Record keys that are not TensorBoard scalars.
 NOT_SCALARS = ("step", "epoch", "samples")
@@ -42,12 +43,13 @@ def peak_memory_mib(device: torch.device) -> float:
 class StepLog:
     """``train_log.jsonl`` + TensorBoard + progress bar of one run, continuing at ``step``."""
 
-    def __init__(self, out: Path, *, step: int, total_steps: int, log_every: int):
+    def __init__(self, out: Path, *, step: int, total_steps: int, log_every: int,
+                 names: tuple[str, ...] = LOG_NAMES):
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
         self.path = out / "train_log.jsonl"
-        self.total_steps, self.log_every = total_steps, log_every
+        self.total_steps, self.log_every, self.names = total_steps, log_every, tuple(names)
         self.writer = SummaryWriter(str(out / "tb"), purge_step=step + 1)
         self._truncate(step)
         self.pbar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
@@ -68,7 +70,7 @@ class StepLog:
         self.pbar.update(1)
         self.pbar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         if step % self.log_every == 0:
-            terms = " ".join(f"{k} {record[k]:.4f}" for k in LOG_NAMES)
+            terms = " ".join(f"{k} {record[k]:.4f}" for k in self.names)
             log(f"step {step}/{self.total_steps} epoch {record['epoch']} {terms} lr {record['lr']:.3e} "
                 f"grad_norm {record['grad_norm']:.4f} {record['samples_per_s']:.2f} samples/s "
                 f"peak {record['peak_mem_mib']:.0f} MiB")

@@ -5,13 +5,14 @@ file's bytes, dedupe by content, fix the row order. Then compute shard by shard:
 workers decode and preprocess images while the main process runs the expert; each finished shard
 is committed atomically; the manifest is written last. Batches never straddle shards, so a
 resumed build computes exactly the batches an uninterrupted one would, and its arrays are
-identical.
+identical. Under ``torchrun`` every rank plans the same rows and writes its round-robin share of
+the shards (:mod:`shared.cache.parallel`); the arrays are those of a one-process build.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,6 @@ from tqdm.auto import tqdm
 
 from shared.cache import CacheWriter, Manifest, normalise_rel
 from shared.cache.encoding import encode_sim
-from shared.cache.lock import build_lock
 from shared.cache.writer import DEFAULT_SHARD_SIZE
 from shared.errors import BadImageError, MedAlignError
 from shared.grid import check_resample_order, triangle_size
@@ -170,13 +170,29 @@ def layer_name(expert) -> str:
 
 def build_cache(cfg: BuildConfig, stats: dict | None = None) -> Manifest:
     """Build (or resume) the cache, holding ``--out``'s build lock throughout (one builder per cache);
-    ``stats``, when given, receives the seconds of each phase."""
-    with build_lock(cfg.out):
-        return _build_locked(cfg, stats)
+    ``stats``, when given, receives the seconds of each phase.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this with the same settings: each plans
+    the same rows, encodes its round-robin share of the pending shards on ``cuda:LOCAL_RANK`` (or the
+    CPU), and rank 0 writes the manifest once every rank has finished (:mod:`shared.cache.parallel`).
+    """
+    from shared.distributed import destroy_distributed, init_distributed, world_from_env
+
+    dist = world_from_env()
+    if not dist.enabled:
+        return _build(cfg, dist, stats)
+    dist, dev = init_distributed(cfg.device, backend="gloo")  # cuda -> cuda:LOCAL_RANK
+    try:
+        return _build(replace(cfg, device=str(dev), progress=cfg.progress and dist.is_main), dist, stats)
+    finally:
+        destroy_distributed(dist)
 
 
-def _build_locked(cfg: BuildConfig, stats: dict | None) -> Manifest:
+def _build(cfg: BuildConfig, dist, stats: dict | None) -> Manifest:
     import time
+
+    from shared.cache.parallel import ShardedBuild
+
     stats = {} if stats is None else stats
     t0 = time.perf_counter()
     spec = get_expert(cfg.expert)  # unknown names fail before any work
@@ -185,23 +201,38 @@ def _build_locked(cfg: BuildConfig, stats: dict | None) -> Manifest:
     identity = {"expert": spec.name, "weights_sha256": wsha, "grid": cfg.grid, "geometry": cfg.geometry,
                 "token_mode": spec.token_mode, "resample_order": cfg.resample_order}
     n = cfg.grid * cfg.grid
-    writer = CacheWriter(cfg.out, identity=identity, keys=plan.keys, index=plan.index, num_tokens=n,
-                         storage=cfg.storage, sim_dtype=cfg.sim_dtype, shard_size=cfg.shard_size, resume=cfg.resume)
-    pending = writer.pending_shards()
-    t1 = time.perf_counter()
-    expert = load_expert(cfg.expert, cfg.weights, device=cfg.device, geometry=cfg.geometry,
-                         model_cfg=read_model_config(cfg.model_config))
-    t2 = time.perf_counter()
-    if pending:
-        _compute_shards(cfg, writer, expert, plan, pending)
-    t3 = time.perf_counter()
-    stats.update(plan_s=t1 - t0, load_s=t2 - t1, compute_s=t3 - t2,
-                 computed=sum(len(writer.shard_rows(s)) for s in pending))
-    manifest = writer.finalize(
-        expert=spec.name, arch=_arch_name(spec, cfg), weights_sha256=wsha, token_mode=spec.token_mode,
-        preprocessing=expert.preprocess.to_json(), layer=layer_name(expert), patch_grid=expert.grid,
-        grid=cfg.grid, resample_order=cfg.resample_order, sources=plan.sources)
-    return manifest
+    held: dict = {}
+
+    def open_writer(attach: bool) -> CacheWriter:
+        return CacheWriter(cfg.out, identity=identity, keys=plan.keys, index=plan.index, num_tokens=n,
+                           storage=cfg.storage, sim_dtype=cfg.sim_dtype, shard_size=cfg.shard_size,
+                           resume=cfg.resume, attach=attach)
+
+    def load() -> None:
+        if "expert" not in held:
+            held["expert"] = load_expert(cfg.expert, cfg.weights, device=cfg.device, geometry=cfg.geometry,
+                                         model_cfg=read_model_config(cfg.model_config))
+
+    def compute(writer: CacheWriter, owned: list[int], pending: list[int]) -> None:
+        t1 = time.perf_counter()
+        if owned:  # a rank with no shard of its own needs no expert
+            load()
+        t2 = time.perf_counter()
+        _compute_shards(cfg, writer, held.get("expert"), plan, owned, dist,
+                        total=sum(len(writer.shard_rows(s)) for s in pending))
+        stats.update(plan_s=t1 - t0, load_s=t2 - t1, compute_s=time.perf_counter() - t2,
+                     computed=sum(len(writer.shard_rows(s)) for s in pending))
+
+    def finalize(writer: CacheWriter) -> Manifest:
+        load()  # the manifest records the expert's preprocessing
+        expert = held["expert"]
+        return writer.finalize(
+            expert=spec.name, arch=_arch_name(spec, cfg), weights_sha256=wsha, token_mode=spec.token_mode,
+            preprocessing=expert.preprocess.to_json(), layer=layer_name(expert), patch_grid=expert.grid,
+            grid=cfg.grid, resample_order=cfg.resample_order, sources=plan.sources)
+
+    return ShardedBuild(cfg.out, open_writer=open_writer, pending=lambda w: w.pending_shards(), compute=compute,
+                        finalize=finalize, reopen=lambda: Manifest.load(cfg.out)).run(dist)
 
 
 class _ShardBuffer:
@@ -216,10 +247,18 @@ class _ShardBuffer:
         self.failed: set[int] = set()
 
 
-def _compute_shards(cfg: BuildConfig, writer: CacheWriter, expert, plan: Plan, pending: list[int]) -> None:
+def _compute_shards(cfg: BuildConfig, writer: CacheWriter, expert, plan: Plan, pending: list[int], dist,
+                    total: int) -> None:
     """Expert forward per batch on the device; finished shards are compressed and committed by a
-    background thread (one writer, at most two shards in flight) while the next ones compute."""
-    dataset = _ImageRows(plan.paths, plan.keys, expert.preprocess)
+    background thread (one writer, at most two shards in flight) while the next ones compute.
+    ``pending``: this rank's shards; ``total``: the rows of the whole job (rank 0's bar)."""
+    from shared.distributed import Heartbeat, maybe_die
+
+    def commit(shard, sim, attn, failures, failed_rows):
+        writer.write_shard(shard, sim, attn, failures=failures, failed_rows=failed_rows)
+        maybe_die("shard", dist)
+
+    dataset = _ImageRows(plan.paths, plan.keys, expert.preprocess if expert is not None else None)  # None: no shard here
     batches = _shard_batches(writer, pending, cfg.batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=_collate,
                         pin_memory=cfg.device.startswith("cuda"), persistent_workers=False)
@@ -233,11 +272,17 @@ def _compute_shards(cfg: BuildConfig, writer: CacheWriter, expert, plan: Plan, p
     plan_failures = list(plan.failures) if 0 in pending else []
     buffers: dict[int, _ShardBuffer] = {}
     in_flight: list[Future] = []
-    bar = tqdm(total=sum(len(writer.shard_rows(s)) for s in pending), desc=f"{cfg.expert} -> {cfg.out.name}",
-               unit="img", disable=not cfg.progress, smoothing=0.1)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
+    bar = tqdm(total=total, desc=f"{cfg.expert} -> {cfg.out.name}" + (f" ({dist.world_size} ranks)" if dist.enabled
+               else ""), unit="img", disable=not cfg.progress, smoothing=0.1)
+
+    def show(done: int) -> None:
+        bar.update(done - bar.n)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool, \
+            Heartbeat(dist, f"the build of {cfg.out}", on_beat=show if cfg.progress else None) as beat:
         try:
             for rows, pixels, errors in loader:
+                beat.check()
                 if errors and not cfg.skip_bad:
                     row, reason = next(iter(errors.items()))
                     raise MedAlignError(f"bad image {plan.paths[row]}: {reason} (nothing was written for its "
@@ -260,14 +305,13 @@ def _compute_shards(cfg: BuildConfig, writer: CacheWriter, expert, plan: Plan, p
                     buf.failures.append({"path": rel_of_row.get(r, str(plan.paths[r])), "reason": reason,
                                          "key": plan.keys[r]})
                 buf.filled += len(rows)
-                bar.update(len(rows))
+                beat.add(len(rows))
                 if buf.filled == len(buf.rows):
                     del buffers[shard]
                     failures = buf.failures + (plan_failures if shard == 0 else [])
                     while len(in_flight) >= 2:
                         in_flight.pop(0).result()
-                    in_flight.append(pool.submit(writer.write_shard, shard, buf.sim, buf.attn, failures=failures,
-                                                 failed_rows=buf.failed))
+                    in_flight.append(pool.submit(commit, shard, buf.sim, buf.attn, failures, buf.failed))
             for fut in in_flight:
                 fut.result()
         except BaseException:

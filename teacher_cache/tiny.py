@@ -157,8 +157,12 @@ def save_tiny_unimed(path: str | Path, arch: str = "b", seed: int = 0) -> dict:
 
 
 def save_random_biomedclip(directory: str | Path, model_cfg: dict | None = None,
-                           preprocess_cfg: dict | None = None, seed: int = 0) -> Path:
-    """Write a random-weight BiomedCLIP-style open_clip directory; full size unless ``model_cfg``."""
+                           preprocess_cfg: dict | None = None, seed: int = 0,
+                           text_state: dict[str, Tensor] | None = None) -> Path:
+    """Write a random-weight BiomedCLIP-style open_clip directory; full size unless ``model_cfg``.
+
+    ``text_state``: a real text tower's ``text.*`` tensors to store instead of the few placeholder
+    keys (:mod:`teacher_cache.a3tune.tiny_clip` passes a tiny BERT tower's)."""
     preprocess_cfg = preprocess_cfg if preprocess_cfg is not None else {"mean": list(OPENAI_MEAN),
                                                                          "std": list(OPENAI_STD)}
     full_size = model_cfg is None
@@ -166,7 +170,8 @@ def save_random_biomedclip(directory: str | Path, model_cfg: dict | None = None,
     visual = _random_visual(model_cfg, bool(model_cfg.get("quick_gelu", False)), seed, fast=full_size)
     gen = torch.Generator().manual_seed(seed + 1)
     state = {f"visual.{k}": v for k, v in visual.state_dict().items()}
-    state.update(_text_keys(gen, 16))
+    placeholder = _text_keys(gen, 16)
+    state.update(placeholder if text_state is None else {**text_state, "logit_scale": placeholder["logit_scale"]})
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / OPEN_CLIP_CONFIG).write_text(

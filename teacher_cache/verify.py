@@ -38,3 +38,33 @@ def recompute_rows(reader: CacheReader, weights: Path, image_root: Path, rows: d
         d_sim = max(d_sim, float(np.abs(sim[0].cpu().numpy() - c_sim).max()))
         d_attn = max(d_attn, float(np.abs(attn[0].cpu().numpy() - c_attn).max()))
     return d_sim, d_attn
+
+
+def verify_a3(cache: Path, read_rows: bool = True, echo=print) -> bool:
+    """``medalign-cache verify`` on an A3 cache: structure, file checksums, every image row and question read
+    back through the checked reader. Reports through ``echo``; returns whether the cache is sound."""
+    from shared.cache.a3_check import check_a3_files, check_a3_structure, read_every_row
+
+    report = check_a3_structure(cache)
+    for note in report.notes:
+        echo(f"note: {note}")
+    for problem in report.problems:
+        echo(f"FAIL {problem}")
+    m = report.manifest
+    if m is None:
+        echo("structure: FAIL (the manifest cannot be used)")
+        return False
+    echo(f"structure: {'OK' if report.ok else f'FAIL ({len(report.problems)} problem(s))'} ({len(m.shards)} shard(s), "
+         f"{m.rows} rows, {m.selection.get('questions')} questions)")
+    nfiles, bad = check_a3_files(cache, m)
+    for b in bad:
+        echo(f"FAIL {b}")
+    echo(f"checksums: {nfiles - len(bad)}/{nfiles} files OK")
+    ok = report.ok and not bad
+    if read_rows and ok:
+        rows, questions, damaged = read_every_row(cache)
+        for d in damaged[:20]:
+            echo(f"FAIL {d}")
+        echo(f"rows: {rows} image rows and {questions} questions read back, {len(damaged)} failed the checks")
+        ok = ok and not damaged
+    return ok

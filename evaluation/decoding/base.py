@@ -51,7 +51,9 @@ Pieces:
 * :class:`Branch`: one forward stream with its own ``DynamicCache`` and attention mask; position ids
   from the mask (``cumsum - 1``, as ``generate``), so a padded row computes what it computes alone.
   ``prefill(input_ids=, pixel_values=)`` or ``prefill(inputs_embeds=, image_mask=)`` (W rotates
-  ``image_mask``'s positions, exactly as a plain prefill: :func:`student_train.alignment.visual_positions`)
+  ``image_mask``'s positions, exactly as a plain prefill: :func:`student_train.alignment.visual_positions`;
+  A3MoE's k experts act there too, :func:`student_train.a3moe.image_positions`; its q routing is
+  computed at each branch's prefill and kept on that branch's cache, so ``step`` / ``select`` follow it)
   -> fp32 logits of the last prompt position [B, V]; ``step(tokens [B]) -> [B, V]``; ``select(idx)``
   (keep/reorder/repeat rows: beams); ``truncate(length)`` (drop cached positions: rollback);
   ``length``; ``last`` (the last forward's output); extra keyword arguments go to the model
@@ -86,6 +88,7 @@ import torch
 
 from evaluation.decoding.scores import RowSampler, contrast, log_probs, plausible, warp
 from shared.errors import MedAlignError
+from student_train.a3moe import image_positions
 from student_train.alignment import unwrap, visual_positions
 from student_train.families import StudentFamily
 
@@ -376,7 +379,7 @@ class Branch:
             raise ValueError("Branch.prefill needs exactly one of input_ids and inputs_embeds")
         pos = positions(self.attention_mask)
         if inputs_embeds is not None:
-            with visual_positions(self.model, image_mask):
+            with visual_positions(self.model, image_mask), image_positions(self.model, image_mask):
                 return self._forward(inputs_embeds=inputs_embeds, position_ids=pos, **kw)
         return self._forward(input_ids=input_ids, pixel_values=pixel_values, position_ids=pos, **kw)
 

@@ -113,6 +113,9 @@ class Manifest:
         if not isinstance(data, dict):
             raise MedAlignError(f"{source}: expected a JSON object")
         version = data.get("format_version")
+        if data.get("signals") == "a3tune":
+            raise MedAlignError(f"{source}: an A3Tune cache (signals a3tune: SAM masks per question), not MedAlign "
+                                "teacher signals; use it with --method a3tune")
         if data.get("checksum") and canonical_sha256(data) != data["checksum"]:
             raise CacheDamagedError(
                 f"{source}: the manifest's checksum does not match its contents (edited or damaged since the "

@@ -2,7 +2,8 @@
 
 A build is resumable: ``.progress/plan.json`` fixes the row order and the build's identity before
 any shard is written, each committed shard leaves ``.progress/shard-NNNNN.json``, and the manifest
-is written only when every shard is in. ``--resume`` re-plans, checks the plan is the same, and
+is written only when every shard is in (``attach=True``: a rank of a torchrun build joins the build
+rank 0 prepared, :mod:`shared.cache.parallel`). ``--resume`` re-plans, checks the plan is the same, and
 computes only the shards without a marker, so the finished cache is identical array for array
 to an uninterrupted build.
 """
@@ -55,7 +56,8 @@ class CacheWriter:
 
     def __init__(self, out: str | Path, *, identity: dict[str, Any], keys: list[str], index: dict[str, int],
                  num_tokens: int, storage: str = "zarr", sim_dtype: str = "float16",
-                 shard_size: int = DEFAULT_SHARD_SIZE, resume: bool = False, chunk_checksums: bool = True):
+                 shard_size: int = DEFAULT_SHARD_SIZE, resume: bool = False, chunk_checksums: bool = True,
+                 attach: bool = False):
         if storage not in STORAGES:
             raise MedAlignError(f"unknown storage format {storage!r}; choose one of {', '.join(STORAGES)}")
         check_sim_dtype(sim_dtype, "--dtype")
@@ -73,7 +75,23 @@ class CacheWriter:
                                     chunk_checksums)
         self.sim_dtype = sim_dtype
         self.complete = False
-        self._prepare(resume)
+        if attach:
+            self._attach()
+        else:
+            self._prepare(resume)
+
+    def _attach(self) -> None:
+        """Join a build another process prepared (a rank > 0 of a torchrun build, after rank 0's
+        set-up): nothing is created; the plan on disk must be this very plan."""
+        try:
+            old = json.loads((self.out / PROGRESS / "plan.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise MedAlignError(f"--out {self.out}: no plan of an unfinished build to join ({e})") from None
+        ours = json.loads(json.dumps(self.plan))
+        if old != ours:
+            changed = [k for k in ours if old.get(k) != ours[k]]
+            raise MedAlignError(f"--out {self.out}: this rank planned another build than rank 0 (differs in: "
+                                f"{', '.join(changed)}); every rank must see the same --data files and images")
 
     # -- set-up: refuse to clobber anything that is not this very build ---------------------------
     def _prepare(self, resume: bool) -> None:

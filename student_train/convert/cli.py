@@ -4,6 +4,7 @@
     medalign-data convert-model --from llava-med llava-med-v1.5-mistral-7b --out llava-med-hf \\
         --vision-tower clip-vit-large-patch14-336
     medalign-data convert-model --from huatuo HuatuoGPT-Vision-7B --out huatuo-hf
+    medalign-data regions --from slake --input Slake1.0 --out data/slake-regions
 
 The group lives in ``student_train`` because ``convert-model`` needs the student-model converters
 (:mod:`student_train.convert`); ``convert`` only calls the dataset converters of :mod:`shared.convert`.
@@ -41,6 +42,26 @@ def convert(fmt: str, input_path: str, out_dir: str, image_root: str | None, pro
     for line in stats.summary_lines():
         click.echo(line)
     click.echo("wrote " + ", ".join(str(f) for f in files))
+
+
+@main.command()
+@click.option("--from", "source_format", required=True, type=click.Choice(["slake"]),
+              help="Source of the masks (slake: the release's imgs/xmlab*/mask.png).")
+@click.option("--input", "input_path", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="The SLAKE release folder (holding imgs/) or its imgs folder.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Output regions folder: regions.json and masks/ (format: shared/regions.py).")
+@click.option("--labels", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Label table naming the mask values (default: the release's mask.txt, if any).")
+def regions(source_format: str, input_path: str, out_dir: str, labels: str | None) -> None:
+    """Convert per-image region masks into a regions folder (medalign-eval tsne --regions)."""
+    from shared.convert.slake_masks import convert_slake_masks
+
+    with user_errors():
+        stats = convert_slake_masks(input_path, out_dir, labels)
+    for line in stats.summary_lines():
+        click.echo(line)
+    click.echo(f"wrote {out_dir}/regions.json (--image-root: the release's imgs folder)")
 
 
 def _layout(name: str):

@@ -1,0 +1,243 @@
+"""The grounding experiment's pipeline: MedAlign vs LoRA-FT where the answer depends on the lesion.
+
+Used by ``bench/grounding.py`` (all arms, several seeds) and ``medalign-eval demo`` (the quick
+comparison). Every stage runs as the command a user would type, in a subprocess
+(:func:`run_command`):
+
+1. data: :func:`shared.grounding_data.make_grounding_dataset` (scans, lesion masks, questions);
+2. teacher: ``medalign-cache lesion-expert`` writes a tiny unimed-b expert whose CLS attention falls
+   on the lesion by construction (:mod:`teacher_cache.lesion_expert`), and ``medalign-cache build``
+   builds the one cache every run uses;
+3. student: a tiny random-weight LLaVA (:func:`make_student`), its vision tower *primed* by scaling
+   the CLIP position embeddings by :data:`POSITION_SCALE` so that a patch token says where it is (a
+   pretrained CLIP's do; a random one's position embeddings are 15x weaker than its pixel content);
+4. ``medalign-train`` per arm (:data:`ARMS`) and seed, ``medalign-eval generate`` + ``score``;
+5. per question: correct or not (:func:`evaluation.grounding_metrics.correct_per_question`) and the
+   student's attention mass on the lesion patches at the align layer, through the capture training
+   uses (:func:`lesion_attention_masses`).
+
+The shuffled-teacher control trains from a data file whose records name another image's
+``teacher_image`` (a derangement of the train images), through the same cache and command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+from shared.errors import MedAlignError
+from shared.grounding_data import GRID, IMAGE_SIZE, PATCH_SIZE, SPLITS, load_grid_masks, make_grounding_dataset
+
+_ENTRY = {
+    "medalign-cache": "teacher_cache.cli",
+    "medalign-train": "student_train.cli",
+    "medalign-eval": "evaluation.cli",
+}
+
+ARMS = ("lora", "medalign", "medalign-vis", "medalign-att", "shuffled")
+#: Scale applied to the random student's CLIP position embeddings (see the module docstring).
+POSITION_SCALE = 10.0
+
+
+def _env() -> dict[str, str]:
+    """The environment of a subprocess: this source tree first on the path, so the commands run the
+    same code as this process (an editable install elsewhere would otherwise win outside the repo)."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_command(tool: str, *args, log: Path, quiet: bool = False) -> float:
+    """Run one of our CLIs in a subprocess, echoing the command; stdout goes to ``log`` (stderr too
+    when ``quiet``). Returns the seconds it took; a failure raises :class:`MedAlignError`."""
+    shown = " ".join([tool, *(shlex.quote(str(a)) for a in args)])
+    click.secho(f"\n$ {shown}", fg="cyan", err=True)
+    cmd = [sys.executable, "-c", f"import sys; from {_ENTRY[tool]} import main; sys.exit(main())", *map(str, args)]
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"$ {shown}\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=f if quiet else None, env=_env())
+    if proc.returncode != 0:
+        raise MedAlignError(f"`{shown}` failed with status {proc.returncode}; see {log}")
+    dt = time.perf_counter() - t0
+    click.echo(f"  done in {dt:.0f}s", err=True)
+    return dt
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The training and evaluation settings shared by every arm (only alpha/beta/teacher differ)."""
+
+    steps: int = 150
+    batch_size: int = 8
+    lr: float = 3e-3
+    lora_r: int = 16
+    align_layer: int = 1
+    alpha: float = 1.0
+    beta: float = 1.0
+    att_norm: str = "sum"
+    layers: int = 4
+    gen_batch_size: int = 64
+
+    def arm_flags(self, arm: str, cache: Path) -> tuple:
+        if arm not in ARMS:
+            raise MedAlignError(f"unknown arm {arm!r}; valid: {', '.join(ARMS)}")
+        alpha, beta = {"lora": (0, 0), "medalign": (self.alpha, self.beta), "shuffled": (self.alpha, self.beta),
+                       "medalign-vis": (self.alpha, 0), "medalign-att": (0, self.beta)}[arm]
+        flags = ("--alpha", alpha, "--beta", beta)
+        return flags if arm == "lora" else ("--cache", cache, "--att-norm", self.att_norm, *flags)
+
+
+@dataclass
+class Setup:
+    """Where the prepared inputs are."""
+
+    work: Path
+    data: dict[str, Path]
+    teacher: Path
+    cache: Path
+    student: Path
+    shuffled_train: Path
+    log: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def make_student(out: Path, layers: int = 4, seed: int = 0, position_scale: float = POSITION_SCALE) -> Path:
+    """The tiny Mistral-backbone LLaVA (48 px images, 8 px patches: 6 x 6 = 36 image tokens) with its
+    CLIP position embeddings scaled by ``position_scale`` (the priming of the module docstring)."""
+    from safetensors.torch import load_file, save_file
+    from student_train.tiny import save_tiny_llava
+
+    save_tiny_llava(out, "mistral", layers=layers, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+                    template="mistral_instruct", seed=seed)
+    path = out / "model.safetensors"
+    state = load_file(path)
+    keys = [k for k in state if k.endswith("embeddings.position_embedding.weight") and "vision" in k]
+    if len(keys) != 1:
+        raise RuntimeError(f"expected one vision position embedding in {path}, found {keys}")
+    state[keys[0]] = state[keys[0]] * position_scale
+    save_file(state, path, metadata={"format": "pt"})
+    (out / "grounding_student.json").write_text(json.dumps({"position_scale": position_scale, "seed": seed}) + "\n")
+    return out
+
+
+def shuffled_records(train: Path, out: Path, seed: int = 0) -> Path:
+    """``train`` with each record's ``teacher_image`` set to another train image (a derangement)."""
+    recs = json.loads(train.read_text())
+    images = sorted({r["image"] for r in recs})
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(images))
+    partner = {images[i]: images[perm[(k + 1) % len(perm)]] for k, i in enumerate(perm)}  # one cycle: no fixed point
+    for r in recs:
+        r["teacher_image"] = partner[r["image"]]
+    out.write_text(json.dumps(recs, indent=1))
+    return out
+
+
+def prepare(work: Path, *, sizes: dict[str, int] | None = None, data_seed: int = 0, layers: int = 4) -> Setup:
+    """Data, teacher, cache and student under ``work`` (each step skipped when already there)."""
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "commands.log"
+    timings: dict[str, float] = {}
+    data_dir = work / "data"
+    t0 = time.perf_counter()
+    if (data_dir / "grid_masks.json").is_file():
+        sizes = dict(SPLITS if sizes is None else sizes)
+        data = {"root": data_dir, "images": data_dir / "images", "masks": data_dir / "masks",
+                "grid_masks": data_dir / "grid_masks.json", **{k: data_dir / f"{k}.json" for k in sizes}}
+    else:
+        data = make_grounding_dataset(data_dir, data_seed, sizes)
+    timings["data"] = time.perf_counter() - t0
+    teacher = work / "teacher" / "lesion-unimed-b.pt"
+    if not teacher.is_file():
+        timings["teacher"] = run_command("medalign-cache", "lesion-expert", "--out", teacher, log=log, quiet=True)
+    cache = work / "cache"
+    if not (cache / "manifest.json").is_file():
+        timings["cache"] = run_command(
+            "medalign-cache", "build", "--expert", "unimed-b", "--weights", teacher, "--model-config",
+            teacher.with_suffix(".json"), *(x for k in ("train", "val", "test") if k in data for x in ("--data", data[k])),
+            "--image-root", data["images"], "--grid", GRID, "--out", cache, "--num-workers", 0, "--batch-size", 64,
+            log=log, quiet=True)
+    student = work / "student"
+    if not (student / "grounding_student.json").is_file():
+        t0 = time.perf_counter()
+        make_student(student, layers)
+        timings["student"] = time.perf_counter() - t0
+    shuffled = shuffled_records(data["train"], work / "data" / "train_shuffled_teacher.json")
+    return Setup(work, data, teacher, cache, student, shuffled, log, timings)
+
+
+def train_arm(setup: Setup, arm: str, seed: int, recipe: Recipe, run_dir: Path) -> float:
+    """``medalign-train`` for one arm and seed into ``run_dir`` (skipped when its adapter exists)."""
+    if (run_dir / "adapter_config.json").is_file():
+        return 0.0
+    data = setup.shuffled_train if arm == "shuffled" else setup.data["train"]
+    return run_command(
+        "medalign-train", "--model", setup.student, "--data", data, "--image-root", setup.data["images"],
+        "--out", run_dir, "--align-layer", recipe.align_layer, "--max-steps", recipe.steps,
+        "--batch-size", recipe.batch_size, "--grad-accum", 1, "--lr", recipe.lr, "--lora-r", recipe.lora_r,
+        "--lora-alpha", 2 * recipe.lora_r, "--seed", seed, "--num-workers", 0, "--log-every", max(recipe.steps // 5, 1),
+        *recipe.arm_flags(arm, setup.cache), log=setup.log, quiet=True)
+
+
+def generate_and_score(setup: Setup, run_dir: Path, recipe: Recipe, split: str = "test") -> tuple[Path, Path, float]:
+    """``medalign-eval generate`` (greedy, the closed questions as written) + ``score`` on ``split``."""
+    preds, metrics = run_dir / f"preds_{split}.jsonl", run_dir / f"metrics_{split}.json"
+    dt = 0.0
+    if not metrics.is_file():
+        dt += run_command("medalign-eval", "generate", "--model", setup.student, "--adapter", run_dir,
+                          "--data", setup.data[split], "--image-root", setup.data["images"], "--out", preds,
+                          "--batch-size", recipe.gen_batch_size, "--decoding", "greedy", "--max-new-tokens", 6,
+                          "--closed-suffix", "never", "--device", "cpu", log=setup.log, quiet=True)
+        dt += run_command("medalign-eval", "score", "--pred", preds, "--gt", setup.data[split], "--task", "vqa",
+                          "--out", metrics, log=setup.log, quiet=True)
+    return preds, metrics, dt
+
+
+def lesion_attention_masses(model: Path, run_dir: Path, data: Path, image_root: Path, grid_masks: Path,
+                            layer: int, limit: int | None = None) -> np.ndarray:
+    """Per test question, the share of the question tokens' attention to the image that falls on the
+    lesion's patches at decoder ``layer`` (:func:`evaluation.attention_map.question_attention`, i.e.
+    :func:`student_train.alignment.capture_attention`, the capture ``L_att`` trains; W applied)."""
+    import torch
+
+    from evaluation.attention_map import question_attention
+    from evaluation.generate import load_generator
+    from evaluation.grounding_metrics import lesion_mass
+    from shared.records import load_records, question_text, record_image
+    from student_train.inputs import student_pixels
+
+    masks = load_grid_masks(grid_masks)
+    gen = load_generator(model, run_dir, dtype=torch.float32, device=torch.device("cpu"))
+    recs = load_records(data)[:limit]
+    out = np.zeros(len(recs), dtype=np.float64)
+    pixels_of: dict[str, torch.Tensor] = {}
+    for i, rec in enumerate(recs):
+        image = record_image(rec)
+        if image not in pixels_of:
+            pixels_of = {image: student_pixels(gen.image_processor, image_root / image, gen.background)[None]}
+        attn, _ = question_attention(gen, question_text(rec), pixels_of[image], layer)
+        out[i] = lesion_mass(attn[None], masks[image][None])[0]
+    return out
+
+
+def final_losses(run_dir: Path, last: int = 10) -> dict[str, float]:
+    """Mean of the last ``last`` steps' loss terms in the run's ``train_log.jsonl``."""
+    lines = [json.loads(ln) for ln in (run_dir / "train_log.jsonl").read_text().splitlines() if ln.strip()]
+    tail = lines[-last:]
+    return {k: float(np.mean([r[k] for r in tail])) for k in ("lm_loss", "vis_loss", "att_loss")}
+
+
+__all__ = ["ARMS", "POSITION_SCALE", "Recipe", "Setup", "final_losses", "generate_and_score",
+           "lesion_attention_masses", "make_student", "prepare", "run_command", "shuffled_records", "train_arm"]
