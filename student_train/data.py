@@ -72,8 +72,6 @@ class Sample:
     teacher_row: int | str | None
     """Row in the teacher cache (MedAlign) or the question key (another method's lookup); None
     without a teacher entry (or without a cache)."""
-    teacher_row: int | None
-    """Row in the teacher cache, None without a teacher entry (or without a cache)."""
     teacher_image: str | None = None
     """The image whose teacher signals train this sample (the record's ``teacher_image``, by
     default its own ``image``)."""

@@ -71,10 +71,7 @@ def main():
 def build(signals, expert, weights, sam, biomedclip, data, image_root, grid, student, geometry, resample_order, top_k,
           query_template, sam_settings, out, storage, sim_dtype, batch_size, num_workers, device, shard_size, resume,
           skip_bad, model_config):
-    """Run the teachers once over the datasets and write the cache."""
-def build(expert, weights, data, image_root, grid, student, geometry, resample_order, out, storage, sim_dtype,
-          batch_size, num_workers, device, shard_size, resume, skip_bad, model_config):
-    """Run an expert CLIP once over the datasets and write the teacher cache.
+    """Run the teachers once over the datasets and write the cache.
 
     Under torchrun (torchrun --nproc-per-node K -m teacher_cache.cli build ...) the K ranks share
     the shards, each on cuda:LOCAL_RANK; the cache is the same as a one-process build's."""

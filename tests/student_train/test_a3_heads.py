@@ -122,7 +122,9 @@ def test_ratios_heads_loss_and_gradients_match_eager(tiny_llama_dir, tiny_make_b
     for g, rg in zip(grads, ref_grads):
         g = torch.zeros(()) if g is None else g
         rg = torch.zeros(()) if rg is None else rg
-        assert torch.allclose(g, rg, rtol=1e-3, atol=1e-5 * scale), float((g - rg).abs().max())
+        # float32 on both sides; the KL's 1/q amplifies rounding (up to ~2e-5 of the largest gradient
+        # seen, depending on the fixture's random weights); a wrong formula is off by O(scale)
+        assert torch.allclose(g, rg, rtol=1e-3, atol=1e-4 * scale), float((g - rg).abs().max())
         nonzero += int(bool((rg != 0).any()))
     assert nonzero > 0
     assert unwrap(model).config.text_config._attn_implementation == ATTN_IMPL

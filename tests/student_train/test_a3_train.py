@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from a3_fakes import use_fake_a3, write_fake_a3_cache
+from a3_train_fakes import use_fake_a3, write_fake_a3_cache
 from click.testing import CliRunner
 from safetensors.torch import load_file
 from train_helpers import write_images, write_records

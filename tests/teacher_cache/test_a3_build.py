@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import a3_fakes
+import a3_cache_fakes as a3_fakes
 from shared.a3_queries import query_sha256, query_text
 from shared.cache.a3tune import is_a3_cache, open_a3_cache
 from shared.errors import MedAlignError

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import a3_fakes
+import a3_cache_fakes as a3_fakes
 from shared.cache.a3tune import open_a3_cache
 from shared.errors import CacheDamagedError, MedAlignError
 from teacher_cache.a3tune.build import A3BuildConfig, build_a3_cache
