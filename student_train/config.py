@@ -21,6 +21,8 @@ from shared.runtime import check_device_flag
 ATT_NORMS = ("l2", "sum", "softmax")
 DEFAULT_ATT_NORM = ATT_NORMS[0]
 
+#: Each method's default --lora-r: what its published runs used (MedAlign's VQA scripts 32, A3Tune's 64).
+METHOD_LORA_R = {"medalign": 32, "a3tune": 64}
 #: The training methods (student_train/methods/: one module each); the first is the default.
 METHODS = ("medalign", "a3tune")
 #: A3Tune's attention losses (student_train/a3_losses.py); the first is the default (the 1.5 VQA scripts').
@@ -99,8 +101,9 @@ class LoraArgs:
     """The LoRA adapter on every linear layer of the language model (reference: r 32 VQA / 64
     reports, alpha 16, dropout 0.05)."""
 
-    lora_r: int = 32
-    """LoRA rank."""
+    lora_r: int | None = None
+    """LoRA rank (default: the method's, METHOD_LORA_R: 32 for medalign, the MedAlign reference's VQA
+    runs; 64 for a3tune, every A3Tune script)."""
     lora_alpha: float = 16
     """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
     lora_dropout: float = 0.05
@@ -175,8 +178,8 @@ class A3Args:
     batchmean over the rows."""
     a3_lambda: float = 0.09
     """Weight of the attention loss (L = L_LM + lambda L_att)."""
-    a3_moe: bool = False
-    """A3MoE: LoRA experts on q_proj / k_proj (LoRA then leaves q_proj / k_proj out)."""
+    a3_moe: bool = True
+    """A3MoE (on by default: every A3Tune training script sets --use_moe True): LoRA experts on q_proj / k_proj (LoRA then leaves q_proj / k_proj out)."""
     a3_moe_preset: str = field(default=A3_MOE_PRESETS[0], metadata={"choices": A3_MOE_PRESETS})
     """vqa: q 8 dense experts, k 16 experts top-1; report: q 1 expert, k 8 experts top-2."""
     a3_balance: float = 0.0
@@ -323,6 +326,8 @@ class TrainConfig:
     def __post_init__(self):
         for group in GROUPS:
             _check_finite(getattr(self, group))
+        if self.lora.lora_r is None:  # the method's default rank (the published runs')
+            self.lora.lora_r = METHOD_LORA_R.get(self.method.method, METHOD_LORA_R["medalign"])
         if self.method.method == "a3tune":
             if self.a3.a3_lambda > 0 and not self.align.cache:
                 raise MedAlignError(f"--method a3tune needs --cache (an A3 cache: medalign-cache build --signals "

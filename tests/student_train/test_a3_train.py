@@ -38,12 +38,13 @@ def data(tmp_path_factory):
 def flags(d, model, out, **extra) -> dict:
     return {"method": "a3tune", "cache": str(d / "a3cache"), "model": str(model), "data": str(d / "train.json"),
             "image_root": str(d / "images"), "out": str(out), "a3_top_heads": 6, "a3_lambda": 1.0,
-            "lora_dropout": 0.0, "seed": 3, **extra}
+            "lora_dropout": 0.0, "seed": 3, "a3_moe": False, **extra}
 
 
 def run_cli(d, model, out, *extra):
     f = flags(d, model, out)
-    args = [x for k, v in f.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    args = [x for k, v in f.items() if not isinstance(v, bool) for x in ("--" + k.replace("_", "-"), str(v))]
+    args += [("--" if v else "--no-") + k.replace("_", "-") for k, v in f.items() if isinstance(v, bool)]
     res = CliRunner().invoke(cli.main, args + ["--batch-size", "2", "--grad-accum", "2", "--epochs", "2",
                                                "--lr", "5e-3", "--warmup-ratio", "0.3", "--lora-dropout", "0.2",
                                                *extra], catch_exceptions=False)
@@ -75,12 +76,14 @@ def test_a3tune_learns_the_masks(data, tiny_mistral_dir, tmp_path):
     assert teacher["method"] == "a3tune" and teacher["signals"] == "a3tune"
 
 
-def test_resume_equals_uninterrupted(data, tiny_mistral_dir, tmp_path):
+@pytest.mark.parametrize("moe", [False, True], ids=["lora", "a3moe"])
+def test_resume_equals_uninterrupted(data, tiny_mistral_dir, tmp_path, moe):
     d, _ = data
     full, part = tmp_path / "full", tmp_path / "part"
-    run_cli(d, tiny_mistral_dir, full)
-    run_cli(d, tiny_mistral_dir, part, "--stop-after", "1")
-    run_cli(d, tiny_mistral_dir, part, "--resume")
+    flag = "--a3-moe" if moe else "--no-a3-moe"
+    run_cli(d, tiny_mistral_dir, full, flag)
+    run_cli(d, tiny_mistral_dir, part, flag, "--stop-after", "1")
+    run_cli(d, tiny_mistral_dir, part, flag, "--resume")
     a = [json.loads(x) for x in (full / "train_log.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (part / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
@@ -92,6 +95,10 @@ def test_resume_equals_uninterrupted(data, tiny_mistral_dir, tmp_path):
     wb = load_file(str(part / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not (full / "rotation.safetensors").exists()
+    assert (full / "moe.safetensors").is_file() == moe
+    if moe:
+        ma, mb = load_file(str(full / "moe.safetensors")), load_file(str(part / "moe.safetensors"))
+        assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
 def test_plan_checks_the_cache(data, tiny_mistral_dir, tiny_llama_dir, tmp_path):
@@ -151,8 +158,8 @@ def test_stale_image_is_refused(data, tiny_mistral_dir, tmp_path):
     (dict(a3_loss="l2"), "unknown --a3-loss 'l2'"),
     (dict(a3_lambda=-1.0), "--a3-lambda must be >= 0"),
     (dict(a3_moe_preset="big"), "unknown --a3-moe-preset"),
-    (dict(a3_balance=0.01), "--a3-balance needs --a3-moe"),
-    (dict(a3_reference_moe=True), "--a3-reference-moe needs --a3-moe"),
+    (dict(a3_moe=False, a3_balance=0.01), "--a3-balance needs --a3-moe"),
+    (dict(a3_moe=False, a3_reference_moe=True), "--a3-reference-moe needs --a3-moe"),
     (dict(cache=None), "--method a3tune needs --cache"),
     (dict(method="medalign", cache="c", a3_top_heads=64), "--a3-top-heads only applies to --method a3tune"),
     (dict(method="lora"), "unknown --method 'lora'"),
@@ -168,6 +175,18 @@ def test_lambda_zero_needs_no_cache():
     cfg = TrainConfig.from_flat({"method": "a3tune", "a3_lambda": 0.0, "model": "m", "data": "d", "image_root": "i",
                                  "out": "o"})
     assert cfg.method.method == "a3tune" and cfg.to_dict()["a3"]["a3_top_heads"] == 128
+
+
+def test_defaults_are_the_published_runs():
+    """--method a3tune defaults to A3Tune's scripts (A3MoE on, LoRA r 64, alpha 16), medalign to
+    MedAlign's (r 32); a rank given on the command line wins."""
+    base = {"model": "m", "data": "d", "image_root": "i", "out": "o", "cache": "c"}
+    a3 = TrainConfig.from_flat({**base, "method": "a3tune"})
+    assert (a3.a3.a3_moe, a3.lora.lora_r, a3.lora.lora_alpha, a3.a3.a3_lambda) == (True, 64, 16, 0.09)
+    med = TrainConfig.from_flat(base)
+    assert (med.lora.lora_r, med.lora.lora_alpha) == (32, 16)
+    assert TrainConfig.from_flat({**base, "method": "a3tune", "lora_r": 8}).lora.lora_r == 8
+    assert TrainConfig.from_flat({**base, "method": "a3tune", "a3_moe": False}).a3.a3_moe is False
 
 
 def test_a3moe_wiring(data, tiny_mistral_dir, tmp_path):
