@@ -101,7 +101,7 @@ def write_fake_a3_cache(out: Path, image_root: Path, records: list[dict], grid: 
     return labels
 
 
-if __name__ == "__main__":  # `python a3_fakes.py TRAIN-ARGS...`: medalign-train reading the fake cache (torchrun)
+if __name__ == "__main__":  # `python a3_train_fakes.py TRAIN-ARGS...`: medalign-train reading the fake cache (torchrun)
     import sys
 
     from student_train import cli

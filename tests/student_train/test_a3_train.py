@@ -41,10 +41,14 @@ def flags(d, model, out, **extra) -> dict:
             "lora_dropout": 0.0, "seed": 3, "a3_moe": False, **extra}
 
 
-def run_cli(d, model, out, *extra):
-    f = flags(d, model, out)
+def cli_args(f: dict) -> list[str]:
+    """``flags()`` as command-line arguments (booleans as ``--x`` / ``--no-x``)."""
     args = [x for k, v in f.items() if not isinstance(v, bool) for x in ("--" + k.replace("_", "-"), str(v))]
-    args += [("--" if v else "--no-") + k.replace("_", "-") for k, v in f.items() if isinstance(v, bool)]
+    return args + [("--" if v else "--no-") + k.replace("_", "-") for k, v in f.items() if isinstance(v, bool)]
+
+
+def run_cli(d, model, out, *extra):
+    args = cli_args(flags(d, model, out))
     res = CliRunner().invoke(cli.main, args + ["--batch-size", "2", "--grad-accum", "2", "--epochs", "2",
                                                "--lr", "5e-3", "--warmup-ratio", "0.3", "--lora-dropout", "0.2",
                                                *extra], catch_exceptions=False)
@@ -222,17 +226,15 @@ def test_a3tune_two_process_gloo_matches_one_process(data, tiny_qwen2_dir, tmp_p
     d, _ = data
     common = ["--epochs", "1", "--lr", "5e-3", "--warmup-ratio", "0", "--lora-dropout", "0", "--device", "cpu",
               "--batch-size", "1"]
-    f = flags(d, tiny_qwen2_dir, tmp_path / "single")
-    single_args = [x for k, v in f.items() for x in ("--" + k.replace("_", "-"), str(v))] + common
+    single_args = cli_args(flags(d, tiny_qwen2_dir, tmp_path / "single")) + common
     res = CliRunner().invoke(cli.main, single_args + ["--grad-accum", "2"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    f = flags(d, tiny_qwen2_dir, tmp_path / "ddp")
-    ddp_args = [x for k, v in f.items() for x in ("--" + k.replace("_", "-"), str(v))] + common
+    ddp_args = cli_args(flags(d, tiny_qwen2_dir, tmp_path / "ddp")) + common
     here = Path(__file__).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join([str(here.parent.parent), str(here), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(here / "a3_fakes.py"), *ddp_args, "--grad-accum", "1"]
+           str(here / "a3_train_fakes.py"), *ddp_args, "--grad-accum", "1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a = [json.loads(x) for x in (tmp_path / "single" / "train_log.jsonl").read_text().splitlines()]
