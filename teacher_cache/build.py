@@ -12,7 +12,7 @@ the shards (:mod:`shared.cache.parallel`); the arrays are those of a one-process
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -139,15 +139,6 @@ def _collate(items):
     return rows, (torch.stack(pixels) if pixels else None), errors
 
 
-def _shard_batches(writer: CacheWriter, shards: list[int], batch_size: int) -> list[list[int]]:
-    """Row batches that never cross a shard boundary (same batches whether resumed or not)."""
-    batches = []
-    for s in shards:
-        rows = list(writer.shard_rows(s))
-        batches.extend(rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
-    return batches
-
-
 def read_model_config(path: Path | None) -> dict | None:
     """An open_clip model config (``{"embed_dim", "vision_cfg", ...}``) from a JSON file, or None."""
     if path is None:
@@ -176,16 +167,9 @@ def build_cache(cfg: BuildConfig, stats: dict | None = None) -> Manifest:
     the same rows, encodes its round-robin share of the pending shards on ``cuda:LOCAL_RANK`` (or the
     CPU), and rank 0 writes the manifest once every rank has finished (:mod:`shared.cache.parallel`).
     """
-    from shared.distributed import destroy_distributed, init_distributed, world_from_env
+    from shared.cache.parallel import on_ranks
 
-    dist = world_from_env()
-    if not dist.enabled:
-        return _build(cfg, dist, stats)
-    dist, dev = init_distributed(cfg.device, backend="gloo")  # cuda -> cuda:LOCAL_RANK
-    try:
-        return _build(replace(cfg, device=str(dev), progress=cfg.progress and dist.is_main), dist, stats)
-    finally:
-        destroy_distributed(dist)
+    return on_ranks(cfg, lambda c, dist: _build(c, dist, stats))
 
 
 def _build(cfg: BuildConfig, dist, stats: dict | None) -> Manifest:
@@ -252,14 +236,15 @@ def _compute_shards(cfg: BuildConfig, writer: CacheWriter, expert, plan: Plan, p
     """Expert forward per batch on the device; finished shards are compressed and committed by a
     background thread (one writer, at most two shards in flight) while the next ones compute.
     ``pending``: this rank's shards; ``total``: the rows of the whole job (rank 0's bar)."""
-    from shared.distributed import Heartbeat, maybe_die
+    from shared.cache.parallel import job_progress, shard_batches
+    from shared.distributed import maybe_die
 
     def commit(shard, sim, attn, failures, failed_rows):
         writer.write_shard(shard, sim, attn, failures=failures, failed_rows=failed_rows)
         maybe_die("shard", dist)
 
     dataset = _ImageRows(plan.paths, plan.keys, expert.preprocess if expert is not None else None)  # None: no shard here
-    batches = _shard_batches(writer, pending, cfg.batch_size)
+    batches = shard_batches(writer, pending, cfg.batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=_collate,
                         pin_memory=cfg.device.startswith("cuda"), persistent_workers=False)
     n = writer.num_tokens
@@ -272,14 +257,9 @@ def _compute_shards(cfg: BuildConfig, writer: CacheWriter, expert, plan: Plan, p
     plan_failures = list(plan.failures) if 0 in pending else []
     buffers: dict[int, _ShardBuffer] = {}
     in_flight: list[Future] = []
-    bar = tqdm(total=total, desc=f"{cfg.expert} -> {cfg.out.name}" + (f" ({dist.world_size} ranks)" if dist.enabled
-               else ""), unit="img", disable=not cfg.progress, smoothing=0.1)
-
-    def show(done: int) -> None:
-        bar.update(done - bar.n)
-
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool, \
-            Heartbeat(dist, f"the build of {cfg.out}", on_beat=show if cfg.progress else None) as beat:
+            job_progress(dist, f"the build of {cfg.out}", total=total, desc=f"{cfg.expert} -> {cfg.out.name}",
+                         enabled=cfg.progress) as beat:
         try:
             for rows, pixels, errors in loader:
                 beat.check()
@@ -318,4 +298,3 @@ def _compute_shards(cfg: BuildConfig, writer: CacheWriter, expert, plan: Plan, p
             for fut in in_flight:
                 fut.cancel()
             raise
-    bar.close()

@@ -74,7 +74,8 @@ def build(signals, expert, weights, sam, biomedclip, data, image_root, grid, stu
     """Run the teachers once over the datasets and write the cache.
 
     Under torchrun (torchrun --nproc-per-node K -m teacher_cache.cli build ...) the K ranks share
-    the shards, each on cuda:LOCAL_RANK; the cache is the same as a one-process build's."""
+    the shards, each on cuda:LOCAL_RANK; the cache is the same as a one-process build's. With
+    --signals a3tune put -- before build (torchrun's parser takes --signals for its --signals-to-handle)."""
     from shared.grid import student_grid
     if (grid is None) == (student is None):
         raise MedAlignError("give exactly one of --grid G or --student MODEL_DIR")
@@ -127,6 +128,8 @@ def _build_a3(sam, biomedclip, data, image_root, grid, student, geometry, top_k,
                         resume=resume, skip_bad=skip_bad, shard_size=shard_size or 128, **extra)
     stats: dict = {}
     m = build_a3_cache(cfg, stats)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the job
+        return
     sel = m.selection
     click.echo(f"A3 cache written: {out} ({m.rows} images, grid {m.grid}x{m.grid}, {sel['questions']} questions, "
                f"top-{sel['top_k']} of template {sel['template']!r}, {sel.get('no_labels', 0)} without labels, "

@@ -30,7 +30,7 @@ from shared.cache.a3_storage import make_a3_storage
 from shared.cache.lock import LOCK_NAME
 from shared.cache.manifest import INDEX_NAME, MANIFEST_NAME, STORAGES
 from shared.cache.storage import STAGING
-from shared.cache.writer import PROGRESS, _version, normalise_rel
+from shared.cache.writer import PROGRESS, _version, join_plan, normalise_rel
 from shared.errors import MedAlignError
 from shared.fileio import atomic_write_json
 from shared.images import sha256_file
@@ -44,11 +44,13 @@ class A3Writer:
     ``identity``: the :data:`IMAGE_IDENTITY_KEYS` of the planned build; ``keys`` the sha256 of each row's
     image; ``index`` every dataset-relative path -> row. After construction: :attr:`images_complete`
     (the image part is finished, only a selection may be missing) and :attr:`existing` (the finished
-    cache's manifest, on ``--resume`` of one).
+    cache's manifest, on ``--resume`` of one). ``attach=True``: join the build rank 0 of a torchrun job
+    prepared (the plan on disk must be this one; nothing is set up), as :class:`~shared.cache.writer.CacheWriter`.
     """
 
     def __init__(self, out: str | Path, *, identity: dict[str, Any], keys: list[str], index: dict[str, int],
-                 embed_dim: int, storage: str = "zarr", shard_size: int = DEFAULT_A3_SHARD_SIZE, resume: bool = False):
+                 embed_dim: int, storage: str = "zarr", shard_size: int = DEFAULT_A3_SHARD_SIZE, resume: bool = False,
+                 attach: bool = False):
         if storage not in STORAGES:
             raise MedAlignError(f"unknown storage format {storage!r}; choose one of {', '.join(STORAGES)}")
         if shard_size < 1:
@@ -67,7 +69,10 @@ class A3Writer:
                                        -(-grid * grid // 8), embed_dim)
         self.existing: A3Manifest | None = None
         self.images_complete = False
-        self._prepare(resume)
+        if attach:  # a rank > 0 of a torchrun build: rank 0 prepared --out (shared.cache.parallel)
+            join_plan(self.out, self.plan)
+        else:
+            self._prepare(resume)
 
     # -- set-up -----------------------------------------------------------------------------------
     def _prepare(self, resume: bool) -> None:

@@ -22,14 +22,16 @@ after rank 0 holds it, so a second, unrelated builder is refused as in a one-pro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 from shared.cache.lock import build_lock
-from shared.distributed import Dist, run_step
+from shared.distributed import Dist, Heartbeat, run_step
 
 W = TypeVar("W")
 R = TypeVar("R")
+C = TypeVar("C")
 
 
 class ShardedBuild(Generic[W, R]):
@@ -80,4 +82,50 @@ def shards_of_rank(pending: list[int], dist: Dist) -> list[int]:
     return round_robin(pending, dist)
 
 
-__all__ = ["ShardedBuild", "shards_of_rank"]
+def on_ranks(cfg: C, build: Callable[[C, Dist], R]) -> R:
+    """``build(cfg, dist)`` as this process's rank: a plain run is a world of one (no process group);
+    under torchrun (``WORLD_SIZE`` > 1) the rank joins a gloo group, takes ``cuda:LOCAL_RANK`` for
+    ``--device cuda`` / ``auto``, and only rank 0 shows progress. ``cfg``: a dataclass with
+    ``device`` and ``progress`` fields (either build's config)."""
+    from shared.distributed import destroy_distributed, init_distributed, world_from_env
+
+    dist = world_from_env()
+    if not dist.enabled:
+        return build(cfg, dist)
+    dist, dev = init_distributed(cfg.device, backend="gloo")  # cuda -> cuda:LOCAL_RANK
+    try:
+        return build(dataclasses.replace(cfg, device=str(dev), progress=cfg.progress and dist.is_main), dist)
+    finally:
+        destroy_distributed(dist)
+
+
+def shard_batches(writer, shards: list[int], batch_size: int) -> list[list[int]]:
+    """Row batches of ``shards`` that never cross a shard boundary (``writer.shard_rows``): the same
+    batches whether the build is resumed or not, and whichever rank computes a shard."""
+    batches = []
+    for s in shards:
+        rows = list(writer.shard_rows(s))
+        batches.extend(rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
+    return batches
+
+
+@contextlib.contextmanager
+def job_progress(dist: Dist, what: str, *, total: int, desc: str, enabled: bool) -> Iterator[Heartbeat]:
+    """The :class:`~shared.distributed.Heartbeat` of a rank's shards, with one bar (``enabled`` on
+    rank 0 only) counting the whole job's ``total`` rows."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc + (f" ({dist.world_size} ranks)" if dist.enabled else ""), unit="img",
+               disable=not enabled, smoothing=0.1)
+
+    def show(done: int) -> None:
+        bar.update(done - bar.n)
+
+    try:
+        with Heartbeat(dist, what, on_beat=show if enabled else None) as beat:
+            yield beat
+    finally:
+        bar.close()
+
+
+__all__ = ["ShardedBuild", "job_progress", "on_ranks", "shard_batches", "shards_of_rank"]

@@ -45,6 +45,20 @@ def _version() -> str:
         return "dev"
 
 
+def join_plan(out: Path, plan: dict[str, Any]) -> None:
+    """Join a build another process prepared (a rank > 0 of a torchrun build, after rank 0's
+    set-up): nothing is created; the plan on disk must be this very ``plan``."""
+    try:
+        old = json.loads((out / PROGRESS / "plan.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MedAlignError(f"--out {out}: no plan of an unfinished build to join ({e})") from None
+    ours = json.loads(json.dumps(plan))
+    if old != ours:
+        changed = [k for k in ours if old.get(k) != ours[k]]
+        raise MedAlignError(f"--out {out}: this rank planned another build than rank 0 (differs in: "
+                            f"{', '.join(changed)}); every rank must see the same --data files and images")
+
+
 class CacheWriter:
     """Creates (or resumes) a cache in ``out``.
 
@@ -81,17 +95,7 @@ class CacheWriter:
             self._prepare(resume)
 
     def _attach(self) -> None:
-        """Join a build another process prepared (a rank > 0 of a torchrun build, after rank 0's
-        set-up): nothing is created; the plan on disk must be this very plan."""
-        try:
-            old = json.loads((self.out / PROGRESS / "plan.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise MedAlignError(f"--out {self.out}: no plan of an unfinished build to join ({e})") from None
-        ours = json.loads(json.dumps(self.plan))
-        if old != ours:
-            changed = [k for k in ours if old.get(k) != ours[k]]
-            raise MedAlignError(f"--out {self.out}: this rank planned another build than rank 0 (differs in: "
-                                f"{', '.join(changed)}); every rank must see the same --data files and images")
+        join_plan(self.out, self.plan)
 
     # -- set-up: refuse to clobber anything that is not this very build ---------------------------
     def _prepare(self, resume: bool) -> None:

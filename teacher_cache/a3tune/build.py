@@ -10,7 +10,9 @@ BiomedCLIP's image tower, resamples the masks to the student's grid and bit-pack
 straddle shards, so a resumed build equals an uninterrupted one. Selection, once every shard is in:
 the distinct query texts through the text tower, each question's top-k from the *stored* features.
 ``--resume`` on a finished cache with another ``--top-k`` / ``--query-template`` / question set loads
-BiomedCLIP only (never SAM) and redoes the selection (:mod:`shared.cache.a3_writer`).
+BiomedCLIP only (never SAM) and redoes the selection (:mod:`shared.cache.a3_writer`). Under ``torchrun``
+the ranks share the image shards round-robin as in the MedAlign build (:mod:`shared.cache.parallel`);
+rank 0 makes the selection and the manifest once every shard is in, so the cache is a one-process build's.
 """
 
 from __future__ import annotations
@@ -21,12 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from shared.a3_queries import DEFAULT_TOP_K, check_template, query_sha256, query_text, question_key
 from shared.cache.a3_manifest import A3Manifest, GEOMETRIES
 from shared.cache.a3_writer import DEFAULT_A3_SHARD_SIZE, A3Writer
-from shared.cache.lock import build_lock
 from shared.cache.writer import normalise_rel
 from shared.errors import BadImageError, MedAlignError
 from shared.images import decode_image, mean_colour, read_image_bytes, sha256_bytes, sha256_file
@@ -155,14 +155,32 @@ def _collate(items):
 
 
 def build_a3_cache(cfg: A3BuildConfig, stats: dict | None = None) -> A3Manifest:
-    """Build, resume or re-select (module docstring), holding ``--out``'s build lock throughout."""
-    with build_lock(cfg.out):
-        return _build_locked(cfg, {} if stats is None else stats)
+    """Build, resume or re-select (module docstring), holding ``--out``'s build lock throughout.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this with the same settings, as the MedAlign
+    build (:mod:`shared.cache.parallel`): each plans the same rows and computes its round-robin share of
+    the pending image shards on ``cuda:LOCAL_RANK`` (or the CPU); rank 0, once every shard is in, writes
+    the selection, ``index.json`` and last the manifest.
+    """
+    from shared.cache.parallel import on_ranks
+
+    return on_ranks(cfg, lambda c, dist: _build(c, dist, {} if stats is None else stats))
 
 
-def _build_locked(cfg: A3BuildConfig, stats: dict) -> A3Manifest:
+def _finished_embed_dim(out: Path) -> int | None:
+    """The embed dim a finished A3 cache in ``out`` records (None: no readable one)."""
+    if not (out / "manifest.json").is_file():
+        return None
+    try:
+        return A3Manifest.load(out).embed_dim
+    except MedAlignError:
+        return None
+
+
+def _build(cfg: A3BuildConfig, dist, stats: dict) -> A3Manifest:
     import time
 
+    from shared.cache.parallel import ShardedBuild
     from teacher_cache.a3tune.biomedclip import biomedclip_sha256, load_biomedclip
     from teacher_cache.a3tune.sam import SamSettings
 
@@ -175,67 +193,80 @@ def _build_locked(cfg: A3BuildConfig, stats: dict) -> A3Manifest:
                 "biomedclip": {"dir_sha256": biomedclip_sha256(cfg.biomedclip)}, "geometry": cfg.geometry,
                 "background": list(cfg.background), "grid": cfg.grid, "view_size": VIEW_SIZE,
                 "max_masks": mask_slots(settings)}
-    clip = None
-    writer = None
-    pending: list[int] = []
-    embed_dim = None
-    if (cfg.out / "manifest.json").is_file():  # a finished cache: its embed_dim is recorded
-        try:
-            embed_dim = A3Manifest.load(cfg.out).embed_dim
-        except MedAlignError:
-            embed_dim = None
-    if embed_dim is None:
-        clip = load_biomedclip(cfg.biomedclip, cfg.device)
-        embed_dim = clip.embed_dim
-    writer = A3Writer(cfg.out, identity=identity, keys=plan.keys, index=plan.index, embed_dim=embed_dim,
-                      storage=cfg.storage, shard_size=cfg.shard_size, resume=cfg.resume)
-    pending = writer.pending_shards()
-    t1 = time.perf_counter()
-    sam_json = writer.existing.sam if writer.existing is not None else None
-    if pending:
-        from teacher_cache.a3tune.sam import load_sam
+    stats.update(plan_s=time.perf_counter() - t0, compute_s=0.0, computed=0)
+    held: dict = {}
 
-        sam = load_sam(cfg.sam, cfg.device)
-        sam_json = {**identity["sam"], "arch": sam.arch, "model": sam.to_json()}
-        clip = clip or load_biomedclip(cfg.biomedclip, cfg.device)
-        _compute_shards(cfg, writer, sam, clip, settings, plan, pending)
-        del sam
-    elif sam_json is None:  # every shard was in before a kill: the arch is read off the file again
-        from teacher_cache.a3tune.sam import load_sam
-        sam_json = {**identity["sam"], "arch": load_sam(cfg.sam, "cpu").arch}
+    def clip():
+        if "clip" not in held:
+            held["clip"] = load_biomedclip(cfg.biomedclip, cfg.device)
+        return held["clip"]
+
+    def open_writer(attach: bool) -> A3Writer:
+        embed_dim = None if attach else _finished_embed_dim(cfg.out)
+        return A3Writer(cfg.out, identity=identity, keys=plan.keys, index=plan.index,
+                        embed_dim=clip().embed_dim if embed_dim is None else embed_dim, storage=cfg.storage,
+                        shard_size=cfg.shard_size, resume=cfg.resume, attach=attach)
+
+    def compute(writer: A3Writer, owned: list[int], pending: list[int]) -> None:
+        t1 = time.perf_counter()
+        total = sum(len(writer.shard_rows(s)) for s in pending)
+        _compute_shards(cfg, writer, held, clip, settings, plan, owned, dist, total)
+        stats.update(compute_s=time.perf_counter() - t1, computed=total)
+
+    def finalize(writer: A3Writer) -> A3Manifest:
+        return _select_and_finish(cfg, writer, plan, identity, held.get("sam_json"), clip, stats)
+
+    return ShardedBuild(cfg.out, open_writer=open_writer, pending=lambda w: w.pending_shards(), compute=compute,
+                        finalize=finalize, reopen=lambda: A3Manifest.load(cfg.out)).run(dist)
+
+
+def _sam_json(identity: dict, sam) -> dict:
+    return {**identity["sam"], "arch": sam.arch, "model": sam.to_json()}
+
+
+def _select_and_finish(cfg: A3BuildConfig, writer: A3Writer, plan, identity: dict, sam_json: dict | None, clip,
+                       stats: dict) -> A3Manifest:
+    """Rank 0, once every image shard is in: each question's top-k from the *stored* crop features, then
+    index.json and the manifest, with the ``--skip-bad`` failures of every rank (from the shard markers).
+    ``sam_json``: the SAM this rank ran (None: it ran none); ``clip()``: BiomedCLIP, loaded on first use."""
+    import time
+
+    from teacher_cache.a3tune.select import compute_selection, selection_name
+
     t2 = time.perf_counter()
     failed_keys = writer.failed_keys()
     failed_rows = {r for r, k in enumerate(plan.keys) if k in failed_keys}
     questions, left = collect_questions(cfg, plan.index, failed_rows)
-    from teacher_cache.a3tune.select import compute_selection, selection_name
-
     name = selection_name(cfg.query_template, cfg.top_k, identity["biomedclip"]["dir_sha256"],
                           [q["qkey"] for q in questions], [q["image_row"] for q in questions],
                           [q["query_sha"] for q in questions])
     if writer.existing is not None and writer.existing.selection.get("name") == name:
-        stats.update(plan_s=t1 - t0, compute_s=0.0, select_s=0.0, computed=0, reselected=False)
+        stats.update(select_s=0.0, reselected=False)
         return writer.existing
-    clip = clip or load_biomedclip(cfg.biomedclip, cfg.device)
+    model = clip()
     rows = writer.image_rows()
     try:
         def features(row: int) -> np.ndarray:
             count, _, emb = rows.read(row, with_emb=True)
-            return np.asarray(emb, np.float32).reshape(-1, embed_dim)[:count]
+            return np.asarray(emb, np.float32).reshape(-1, writer.embed_dim)[:count]
 
         arrays = compute_selection(questions, features,
-                                   lambda texts: clip.encode_texts(texts, cfg.text_batch_size), cfg.top_k,
+                                   lambda texts: model.encode_texts(texts, cfg.text_batch_size), cfg.top_k,
                                    cfg.progress)
     finally:
         rows.close()
+    if writer.existing is not None:
+        sam_json = writer.existing.sam
+    elif sam_json is None:  # every shard was in before a kill: the arch is read off the file again
+        from teacher_cache.a3tune.sam import load_sam
+        sam_json = _sam_json(identity, load_sam(cfg.sam, "cpu"))
     k_counts = (arrays["top_idx"] >= 0).sum(axis=1)
     selection = {"name": name, "template": cfg.query_template, "top_k": cfg.top_k, "questions": len(questions),
                  "texts": len({q["text"] for q in questions}), "no_labels": int((k_counts == 0).sum()),
                  "left_out": left}
-    manifest = writer.finish(selection=selection, arrays=arrays, sam=sam_json, biomedclip=clip.to_json(),
+    manifest = writer.finish(selection=selection, arrays=arrays, sam=sam_json, biomedclip=model.to_json(),
                              sources=plan.sources)
-    t3 = time.perf_counter()
-    stats.update(plan_s=t1 - t0, compute_s=t2 - t1, select_s=t3 - t2,
-                 computed=sum(len(writer.shard_rows(s)) for s in pending), reselected=not pending)
+    stats.update(select_s=time.perf_counter() - t2, reselected=not stats["computed"])
     return manifest
 
 
@@ -252,60 +283,70 @@ class _Shard:
         self.failed: set[int] = set()
 
 
-def _compute_shards(cfg: A3BuildConfig, writer: A3Writer, sam, clip, settings, plan, pending: list[int]) -> None:
+def _compute_shards(cfg: A3BuildConfig, writer: A3Writer, held: dict, clip, settings, plan, owned: list[int], dist,
+                    total: int) -> None:
+    """SAM and the crop features of the shards ``owned`` (this rank's), each committed when full; the
+    models load only on a rank that owns a shard (``held["sam_json"]`` then names the SAM that ran).
+    ``total``: the rows of the whole job (rank 0's bar)."""
+    from shared.cache.parallel import job_progress, shard_batches
+    from shared.distributed import maybe_die
     from teacher_cache.a3tune.geometry import crop_for_clip, masks_to_grid
-    from teacher_cache.a3tune.sam import generate_masks
+    from teacher_cache.a3tune.sam import generate_masks, load_sam
 
     st = writer.storage
-    batches = [list(writer.shard_rows(s))[i:i + cfg.batch_size] for s in pending
-               for i in range(0, len(writer.shard_rows(s)), cfg.batch_size)]
-    loader = DataLoader(_Views(plan.paths, plan.keys, cfg.geometry, cfg.background), batch_sampler=batches,
-                        num_workers=cfg.num_workers, collate_fn=_collate)
+    loader = DataLoader(_Views(plan.paths, plan.keys, cfg.geometry, cfg.background),
+                        batch_sampler=shard_batches(writer, owned, cfg.batch_size), num_workers=cfg.num_workers,
+                        collate_fn=_collate)
     rel_of_row: dict[int, str] = {}
     for rel, row in plan.index.items():
         rel_of_row.setdefault(row, rel)
-    plan_failures = list(plan.failures) if 0 in pending else []
+    plan_failures = list(plan.failures) if 0 in owned else []
     buffers: dict[int, _Shard] = {}
-    bar = tqdm(total=sum(len(b) for b in batches), desc=f"SAM + BiomedCLIP -> {cfg.out.name}", unit="img",
-               disable=not cfg.progress, smoothing=0.1)
-    for items in loader:
-        shard = items[0][0] // writer.shard_size
-        buf = buffers.get(shard) or buffers.setdefault(shard, _Shard(writer.shard_rows(shard), st.mask_width,
-                                                                     st.emb_width))
-        crops, owners = [], []
-        for row, view, error in items:
-            local = row - buf.rows.start
-            if error is not None:
-                if not cfg.skip_bad:
-                    raise MedAlignError(f"bad image {plan.paths[row]}: {error} (nothing was written for its shard; "
-                                        "pass --skip-bad to record and skip it)")
-                buf.failed.add(row)
-                buf.failures.append({"path": rel_of_row.get(row, str(plan.paths[row])), "reason": error,
-                                     "key": plan.keys[row]})
-                continue
-            masks = generate_masks(sam, view, settings)
-            if len(masks) > st.max_masks:
-                raise RuntimeError(f"SAM returned {len(masks)} masks, more than the {st.max_masks} slots its settings "
-                                   "allow")
-            buf.counts[local] = len(masks)
-            if masks:
-                cells = masks_to_grid(np.stack([m.segmentation for m in masks]), cfg.geometry, cfg.grid)
-                packed = np.packbits(np.asarray(cells, bool), axis=1)
-                buf.masks[local, :packed.size] = packed.reshape(-1)
-                crops.extend(crop_for_clip(view, m) for m in masks)
-                owners.extend((local, j) for j in range(len(masks)))
-        if crops:
-            feats = clip.encode_crops(crops, batch_size=max(len(crops), 1))
-            d = clip.embed_dim
-            for (local, j), f in zip(owners, feats):
-                buf.emb[local, j * d:(j + 1) * d] = f
-        buf.filled += len(items)
-        bar.update(len(items))
-        if buf.filled == len(buf.rows):
-            del buffers[shard]
-            failures = buf.failures + (plan_failures if shard == 0 else [])
-            writer.write_shard(shard, buf.counts, buf.masks, buf.emb, failures=failures, failed_rows=buf.failed)
-    bar.close()
+    with job_progress(dist, f"the build of {cfg.out}", total=total, desc=f"SAM + BiomedCLIP -> {cfg.out.name}",
+                      enabled=cfg.progress) as beat:
+        if owned:
+            sam = load_sam(cfg.sam, cfg.device)
+            held["sam_json"] = _sam_json(writer.identity, sam)
+            model = clip()
+        for items in loader:
+            beat.check()
+            shard = items[0][0] // writer.shard_size
+            buf = buffers.get(shard) or buffers.setdefault(shard, _Shard(writer.shard_rows(shard), st.mask_width,
+                                                                         st.emb_width))
+            crops, owners = [], []
+            for row, view, error in items:
+                local = row - buf.rows.start
+                if error is not None:
+                    if not cfg.skip_bad:
+                        raise MedAlignError(f"bad image {plan.paths[row]}: {error} (nothing was written for its "
+                                            "shard; pass --skip-bad to record and skip it)")
+                    buf.failed.add(row)
+                    buf.failures.append({"path": rel_of_row.get(row, str(plan.paths[row])), "reason": error,
+                                         "key": plan.keys[row]})
+                    continue
+                masks = generate_masks(sam, view, settings)
+                if len(masks) > st.max_masks:
+                    raise RuntimeError(f"SAM returned {len(masks)} masks, more than the {st.max_masks} slots its "
+                                       "settings allow")
+                buf.counts[local] = len(masks)
+                if masks:
+                    cells = masks_to_grid(np.stack([m.segmentation for m in masks]), cfg.geometry, cfg.grid)
+                    packed = np.packbits(np.asarray(cells, bool), axis=1)
+                    buf.masks[local, :packed.size] = packed.reshape(-1)
+                    crops.extend(crop_for_clip(view, m) for m in masks)
+                    owners.extend((local, j) for j in range(len(masks)))
+            if crops:
+                feats = model.encode_crops(crops, batch_size=max(len(crops), 1))
+                d = model.embed_dim
+                for (local, j), f in zip(owners, feats):
+                    buf.emb[local, j * d:(j + 1) * d] = f
+            buf.filled += len(items)
+            beat.add(len(items))
+            if buf.filled == len(buf.rows):
+                del buffers[shard]
+                failures = buf.failures + (plan_failures if shard == 0 else [])
+                writer.write_shard(shard, buf.counts, buf.masks, buf.emb, failures=failures, failed_rows=buf.failed)
+                maybe_die("shard", dist)
 
 
 __all__ = ["A3BuildConfig", "build_a3_cache", "collect_questions", "mask_slots", "student_background"]
