@@ -3,8 +3,8 @@ bad input, padding and the per-rank sampler."""
 
 from __future__ import annotations
 
+import copy
 import json
-import pickle
 
 import numpy as np
 import pytest
@@ -197,7 +197,7 @@ def test_reader_is_opened_lazily_per_process(student, dataset_dir):
     assert ds._reader is None
     ds[0]
     assert ds._reader is not None
-    assert pickle.loads(pickle.dumps(ds))._reader is None  # a worker starts without the parent's reader
+    assert copy.deepcopy(ds)._reader is None  # a worker starts without the parent's reader (__getstate__)
     col = Collator(tok.pad_token_id)
     kw = dict(batch_size=2, collate_fn=col, sampler=RankSampler(6, seed=3))
     a = list(torch.utils.data.DataLoader(ds, num_workers=0, **kw))

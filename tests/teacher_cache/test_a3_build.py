@@ -4,7 +4,7 @@ interruption equals an uninterrupted build, --skip-bad."""
 
 from __future__ import annotations
 
-import pickle
+import copy
 import shutil
 
 import numpy as np
@@ -93,7 +93,7 @@ def test_round_trip(world, tmp_path, storage):
     assert m.selection["questions"] == 10 and m.selection["no_labels"] == no_labels
     reader = assert_entries(tmp_path / "c", expected)
     assert reader.entry("no such question") is None
-    clone = pickle.loads(pickle.dumps(reader))  # DataLoader workers get a copy that reopens lazily
+    clone = copy.deepcopy(reader)  # as a DataLoader worker gets it (__getstate__): a copy that reopens lazily
     np.testing.assert_array_equal(clone.entry("0").labels, reader.entry("0").labels)
     ident = reader.identity()
     assert ident["signals"] == "a3tune" and ident["selection"]["top_k"] == 8 and ident["grid"] == GRID
