@@ -24,6 +24,7 @@ import numpy as np
 from shared.cache.a3_manifest import A3Manifest, read_signals
 from shared.cache.a3_storage import make_a3_storage
 from shared.cache.manifest import INDEX_NAME, MANIFEST_NAME
+from shared.cache.reader import _reason  # one wording of a read error for both cache kinds
 from shared.errors import CacheDamagedError, MedAlignError
 from shared.images import sha256_file
 
@@ -196,11 +197,6 @@ class A3Cache:
         """Who taught a run (JSON-able): the manifest's identity plus this copy's path and manifest digest."""
         return {**self.manifest.identity(), "format": self.manifest.storage, "path": str(self.path.resolve()),
                 "manifest_sha256": sha256_file(self.path / MANIFEST_NAME), "rows": self.manifest.rows}
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def open_a3_cache(path: str | Path, *, check_values: bool = True) -> A3Cache:
