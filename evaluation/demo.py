@@ -67,6 +67,10 @@ def _num(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _cell(s: dict) -> str:
+    return f"{_num(s['probe_accuracy'])} ({_num(s['probe_balanced_accuracy'])}) / {_num(s['silhouette'])}"
+
+
 @click.command()
 @click.option("--out", default="medalign-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--steps", default=Recipe.steps, show_default=True, help="Optimizer steps per training run.")
@@ -85,12 +89,10 @@ def demo(out, steps):
                f"uniform attention would put ~0.1 on the lesion")
     layers = list(lora["separability"])
     click.echo(f"\n  lesion vs background visual tokens ({lora['tsne_tokens']} tokens of {lora['tsne_images']} test "
-               f"images), linear-probe accuracy (balanced) per layer, split by image:")
-    click.echo(f"  {'run':10s} " + " ".join(f"{'layer ' + L:>16s}" for L in layers))
+               f"images) per layer: linear-probe accuracy (balanced; split by image) / silhouette")
+    click.echo(f"  {'run':10s} " + " ".join(f"{'layer ' + L:>22s}" for L in layers))
     for name, r in (("LoRA-FT", lora), ("MedAlign", med)):
-        click.echo(f"  {name:10s} " + " ".join(
-            f"{_num(r['separability'][L]['probe_accuracy']):>7s} ({_num(r['separability'][L]['probe_balanced_accuracy'])})"
-            for L in layers))
+        click.echo(f"  {name:10s} " + " ".join(f"{_cell(r['separability'][L]):>22s}" for L in layers))
     click.echo(f"  (guessing background scores {_num(lora['separability'][layers[0]]['majority_fraction'])}; "
                f"layer 0 is the frozen projector's output, the same for both runs)")
     setup = res["setup"]
