@@ -8,7 +8,11 @@ position embeddings; every stage through the real commands (:mod:`evaluation.gro
 cache for all runs. Per arm and seed: held-out accuracy, the share of the question tokens'
 attention to the image that falls on the lesion's patches at the align layer (the capture L_att
 trains), and L_vis / L_att at the end of training; per arm: mean, std and the paired sign test
-(and bootstrap interval) against LoRA-FT over the pooled (seed, question) pairs.
+(and bootstrap interval) against LoRA-FT over the pooled (seed, question) pairs. For the arms of
+``--tsne-arms`` (default lora and medalign; ~15 s a run) ``medalign-eval tsne`` on the first 20 test
+images with the lesion masks as regions (:func:`evaluation.grounding.tsne_separability`): per layer
+(0, the align layer, the last) how well a linear probe (split by image) and the silhouette separate
+lesion from background tokens; the figure is ``runs/ARM-seedS/tsne.png``.
 
 ``--quick``: seed 0 of lora and medalign only, smaller test subset for the attention mass.
 """
@@ -27,8 +31,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.grounding import (ARMS, Recipe, final_losses, generate_and_score,  # noqa: E402
-                                  lesion_attention_masses, prepare, train_arm)
+from evaluation.grounding import (ARMS, TSNE_IMAGES, Recipe, final_losses, generate_and_score,  # noqa: E402
+                                  lesion_attention_masses, prepare, separability_summary, train_arm,
+                                  tsne_separability)
 from evaluation.grounding_metrics import correct_per_question, paired_bootstrap, sign_test  # noqa: E402
 
 
@@ -71,8 +76,10 @@ def student_probe(setup, max_images: int = 200) -> dict:
 
 
 def run_benchmark(out: Path, seeds: list[int], arms: list[str], recipe: Recipe, mass_limit: int | None,
-                  split: str = "test", sizes: dict[str, int] | None = None) -> dict:
-    """Run every arm x seed (resumable: finished runs are reused) and return the result document."""
+                  split: str = "test", sizes: dict[str, int] | None = None, tsne_arms=("lora", "medalign"),
+                  tsne_images: int = TSNE_IMAGES) -> dict:
+    """Run every arm x seed (resumable: finished runs are reused) and return the result document;
+    the runs of ``tsne_arms`` also get the t-SNE step (``separability`` per layer)."""
     t_start = time.perf_counter()
     setup = prepare(out, sizes=sizes, layers=recipe.layers)
     probe = student_probe(setup)
@@ -92,8 +99,13 @@ def run_benchmark(out: Path, seeds: list[int], arms: list[str], recipe: Recipe, 
             runs[arm][str(seed)] = {"accuracy": float(ok.mean()), "lesion_attention_mass": float(mass.mean()),
                                     "questions": int(ok.size), "mass_questions": int(mass.size),
                                     "final_losses": final_losses(run_dir), "train_s": round(train_s, 1),
-                                    "eval_s": round(gen_s, 1), "wall_s": round(time.perf_counter() - t0, 1),
-                                    "run_dir": str(run_dir)}
+                                    "eval_s": round(gen_s, 1), "run_dir": str(run_dir)}
+            if arm in tsne_arms:
+                sep = tsne_separability(setup, run_dir, recipe, split, max_images=tsne_images)
+                runs[arm][str(seed)].update({"separability": separability_summary(sep), "tsne_figure": sep["figure"],
+                                             "tsne_tokens": sep["tokens"], "tsne_images": sep["images"],
+                                             "tsne_s": sep["grounding"]["wall_s"]})
+            runs[arm][str(seed)]["wall_s"] = round(time.perf_counter() - t0, 1)
             click.secho(f"{arm} seed {seed}: accuracy {ok.mean():.4f} lesion mass {mass.mean():.4f} "
                         f"losses {runs[arm][str(seed)]['final_losses']}", bold=True, err=True)
     summary = {}
@@ -114,12 +126,48 @@ def run_benchmark(out: Path, seeds: list[int], arms: list[str], recipe: Recipe, 
                           "above_lora_every_seed": bool(all(runs[arm][str(s)]["accuracy"] > runs["lora"][str(s)]["accuracy"]
                                                             for s in seeds)),
                           "mass_ratio_vs_lora": float(mass.mean() / max(summary["lora"]["lesion_attention_mass_mean"], 1e-12))})
+        if arm in tsne_arms:
+            entry["separability_mean"] = mean_separability([runs[arm][str(s)]["separability"] for s in seeds])
         summary[arm] = entry
-    return {"student_probe": probe, "seeds": seeds, "arms": arms, "split": split, "recipe": recipe.__dict__, "runs": runs, "summary": summary,
+    return {"student_probe": probe, "tsne_arms": [a for a in arms if a in tsne_arms], "seeds": seeds, "arms": arms, "split": split, "recipe": recipe.__dict__, "runs": runs, "summary": summary,
             "setup_timings_s": setup.timings, "total_s": round(time.perf_counter() - t_start, 1),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_end": os.getloadavg(),
                         "torch_threads": os.environ.get("OMP_NUM_THREADS")},
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+
+
+def mean_separability(per_seed: list[dict]) -> dict:
+    """Per layer and score, the mean over seeds (None where a seed has no score)."""
+    out = {}
+    for layer in per_seed[0]:
+        vals = {k: [d[layer][k] for d in per_seed] for k in per_seed[0][layer]}
+        out[layer] = {k: None if any(x is None for x in v) else float(np.mean(v)) for k, v in vals.items()}
+    return out
+
+
+def _num(x, fmt: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def print_separability(doc: dict) -> None:
+    """Lesion vs background tokens per layer: probe accuracy (balanced) / silhouette, per arm."""
+    arms = doc.get("tsne_arms", [])
+    if not arms:
+        return
+    layers = list(doc["summary"][arms[0]]["separability_mean"])
+    first = doc["runs"][arms[0]][str(doc["seeds"][0])]
+    click.echo(f"\nLesion vs background visual tokens ({first['tsne_tokens']} tokens of {first['tsne_images']} "
+               f"test images; probe split by image; accuracy to beat: the majority share), "
+               f"mean over {len(doc['seeds'])} seed(s):")
+    click.echo("| arm | " + " | ".join(f"layer {L}: probe acc (balanced) / silhouette" for L in layers) + " |")
+    click.echo("|---|" + "---|" * len(layers))
+    for arm in arms:
+        sep = doc["summary"][arm]["separability_mean"]
+        click.echo(f"| {arm} | " + " | ".join(
+            f"{_num(sep[L]['probe_accuracy'])} ({_num(sep[L]['probe_balanced_accuracy'])}) / "
+            f"{_num(sep[L]['silhouette'])}" for L in layers) + " |")
+    maj = doc["summary"][arms[0]]["separability_mean"][layers[0]]["majority_fraction"]
+    click.echo(f"majority share (background): {_num(maj)}")
 
 
 def print_table(doc: dict) -> None:
@@ -150,18 +198,25 @@ def print_table(doc: dict) -> None:
               help="Test questions whose attention mass is measured (the first ones; 0: all).")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
               help="Evaluate on the held-out test split or the validation split (for tuning).")
-def main(seeds, arms, quick, json_out, out, steps, mass_questions, split):
+@click.option("--tsne-arms", default="lora,medalign", show_default=True,
+              help="Arms whose runs get the t-SNE step (separability per layer; ~15 s a run); 'all' or ''.")
+@click.option("--tsne-images", type=int, default=TSNE_IMAGES, show_default=True,
+              help="Images of the split the t-SNE step embeds (36 tokens each).")
+def main(seeds, arms, quick, json_out, out, steps, mass_questions, split, tsne_arms, tsne_images):
     """Run the grounding benchmark and print its table."""
     seed_list = [0] if quick else [int(s) for s in seeds.split(",") if s.strip()]
     arm_list = ["lora", "medalign"] if quick else [a.strip() for a in arms.split(",") if a.strip()]
     bad = [a for a in arm_list if a not in ARMS]
     if bad:
         raise click.BadParameter(f"unknown arm(s) {bad}; valid: {', '.join(ARMS)}", param_hint="--arms")
-    doc = run_benchmark(out, seed_list, arm_list, Recipe(steps=steps), mass_questions or None, split)
+    tsne_list = list(ARMS) if tsne_arms.strip() == "all" else [a.strip() for a in tsne_arms.split(",") if a.strip()]
+    bad = [a for a in tsne_list if a not in ARMS]
+    if bad:
+        raise click.BadParameter(f"unknown arm(s) {bad}; valid: {', '.join(ARMS)}", param_hint="--tsne-arms")
+    doc = run_benchmark(out, seed_list, arm_list, Recipe(steps=steps), mass_questions or None, split,
+                        tsne_arms=tsne_list, tsne_images=tsne_images)
     print_table(doc)
-    # t-SNE hook (issue 13): `medalign-eval tsne --model STUDENT --adapter RUN_DIR --data test.json
-    # --image-root IMAGES --regions GRID_MASKS ...` per run, its separability JSON into doc -- wired
-    # after the tsne branch is merged.
+    print_separability(doc)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(doc, indent=1) + "\n")

@@ -6,8 +6,10 @@ attention falls on the lesion by construction (written by ``medalign-cache lesio
 its own process: evaluation never imports the teacher side), ``medalign-cache build``, a tiny LLaVA
 student, two ``medalign-train`` runs from the one cache (plain LoRA, alpha = beta = 0, and
 MedAlign), ``medalign-eval generate`` + ``score`` for each. It ends by printing both runs' held-out
-accuracy and the share of their question-to-image attention on the lesion, and draws the attention
-figure of one test question for both runs (:mod:`evaluation.attention_map`).
+accuracy and the share of their question-to-image attention on the lesion, draws the attention
+figure of one test question for both runs (:mod:`evaluation.attention_map`) and runs
+``medalign-eval tsne`` for both (the t-SNE of the visual tokens of 20 test images coloured lesion /
+background, with the separability per layer: :func:`evaluation.grounding.tsne_separability`).
 
 Every stage runs as the same command a user would type, and the commands are printed.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 import click
 
 from evaluation.grounding import (Recipe, final_losses, generate_and_score, lesion_attention_masses, prepare,
-                                  train_arm)
+                                  separability_summary, train_arm, tsne_separability)
 
 #: The demo's sizes: the full test split, fewer questions for the attention mass.
 MASS_QUESTIONS = 300
@@ -51,13 +53,22 @@ def run_pipeline(out: Path, steps: int = Recipe.steps, mass_questions: int = MAS
         figure = run_dir / "attention.png"
         write_attention_figure(gen, setup.data["images"] / record_image(first), question_text(first), figure,
                                layer=recipe.align_layer, max_new_tokens=6)
+        del gen
+        tsne = tsne_separability(setup, run_dir, recipe)
         results["runs"][arm] = {"correct": ok, "mass": float(mass.mean()), "dir": run_dir, "figure": figure,
-                                "metrics": metrics, "losses": final_losses(run_dir)}
+                                "metrics": metrics, "losses": final_losses(run_dir),
+                                "tsne_figure": Path(tsne["figure"]), "separability": separability_summary(tsne),
+                                "tsne_tokens": tsne["tokens"], "tsne_images": tsne["images"]}
     results["p_value"] = sign_test(results["runs"]["medalign"]["correct"], results["runs"]["lora"]["correct"])["p_value"]
-    # t-SNE hook (issue 13): `medalign-eval tsne --model STUDENT --adapter RUN_DIR --data test.json
-    # --image-root IMAGES --regions GRID_MASKS --out runs/ARM/tsne.png` per run -- wired once the
-    # tsne command is merged.
     return results
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _cell(s: dict) -> str:
+    return f"{_num(s['probe_accuracy'])} ({_num(s['probe_balanced_accuracy'])}) / {_num(s['silhouette'])}"
 
 
 @click.command()
@@ -76,6 +87,14 @@ def demo(out, steps):
                    f"{r['losses']['vis_loss']:.4f} / {r['losses']['att_loss']:.4f}")
     click.echo(f"  paired sign test MedAlign vs LoRA-FT over the questions: p = {res['p_value']:.3g}; "
                f"uniform attention would put ~0.1 on the lesion")
+    layers = list(lora["separability"])
+    click.echo(f"\n  lesion vs background visual tokens ({lora['tsne_tokens']} tokens of {lora['tsne_images']} test "
+               f"images) per layer: linear-probe accuracy (balanced; split by image) / silhouette")
+    click.echo(f"  {'run':10s} " + " ".join(f"{'layer ' + L:>22s}" for L in layers))
+    for name, r in (("LoRA-FT", lora), ("MedAlign", med)):
+        click.echo(f"  {name:10s} " + " ".join(f"{_cell(r['separability'][L]):>22s}" for L in layers))
+    click.echo(f"  (guessing background scores {_num(lora['separability'][layers[0]]['majority_fraction'])}; "
+               f"layer 0 is the frozen projector's output, the same for both runs)")
     setup = res["setup"]
     click.echo(f"""
 Artefacts:
@@ -85,5 +104,6 @@ Artefacts:
   student                                        {setup.student}
   runs (adapter, preds_test.jsonl, metrics)      {lora['dir']}  {med['dir']}
   attention figures (one test question)          {lora['figure']}  {med['figure']}
+  t-SNE figures (+ .json: separability per layer) {lora['tsne_figure']}  {med['tsne_figure']}
   full log of every command                      {setup.log}
 All arms over several seeds: python bench/grounding.py (BENCHMARKS.md). Real data: "Reproducing the paper" in README.md.""")

@@ -14,7 +14,10 @@ comparison). Every stage runs as the command a user would type, in a subprocess
 4. ``medalign-train`` per arm (:data:`ARMS`) and seed, ``medalign-eval generate`` + ``score``;
 5. per question: correct or not (:func:`evaluation.grounding_metrics.correct_per_question`) and the
    student's attention mass on the lesion patches at the align layer, through the capture training
-   uses (:func:`lesion_attention_masses`).
+   uses (:func:`lesion_attention_masses`);
+6. per run: ``medalign-eval tsne`` on the test images with the lesion masks as ``--regions``
+   (:func:`tsne_separability`): the t-SNE figure and the separability of lesion vs background
+   tokens (probe accuracy, silhouette) at :func:`tsne_layers`.
 
 The shuffled-teacher control trains from a data file whose records name another image's
 ``teacher_image`` (a derangement of the train images), through the same cache and command.
@@ -35,7 +38,9 @@ import click
 import numpy as np
 
 from shared.errors import MedAlignError
-from shared.grounding_data import GRID, IMAGE_SIZE, PATCH_SIZE, SPLITS, load_grid_masks, make_grounding_dataset
+from shared.grounding_data import (GRID, IMAGE_SIZE, PATCH_SIZE, REGIONS_DIR, SPLITS, load_grid_masks,
+                                   make_grounding_dataset, write_lesion_regions)
+from shared.regions import REGIONS_FILE
 
 _ENTRY = {
     "medalign-cache": "teacher_cache.cli",
@@ -46,6 +51,9 @@ _ENTRY = {
 ARMS = ("lora", "medalign", "medalign-vis", "medalign-att", "shuffled")
 #: Scale applied to the random student's CLIP position embeddings (see the module docstring).
 POSITION_SCALE = 10.0
+#: Test images the t-SNE step embeds (36 tokens each, 720 in all; ~5% of them lesion): ~15 s per
+#: run on 2 CPU cores, half of it the command's imports.
+TSNE_IMAGES = 20
 
 
 def _env() -> dict[str, str]:
@@ -57,9 +65,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_command(tool: str, *args, log: Path, quiet: bool = False) -> float:
+def run_command(tool: str, *args, log: Path, quiet: bool = False, env: dict[str, str] | None = None) -> float:
     """Run one of our CLIs in a subprocess, echoing the command; stdout goes to ``log`` (stderr too
-    when ``quiet``). Returns the seconds it took; a failure raises :class:`MedAlignError`."""
+    when ``quiet``); ``env`` adds variables to its environment. Returns the seconds it took; a
+    failure raises :class:`MedAlignError`."""
     shown = " ".join([tool, *(shlex.quote(str(a)) for a in args)])
     click.secho(f"\n$ {shown}", fg="cyan", err=True)
     cmd = [sys.executable, "-c", f"import sys; from {_ENTRY[tool]} import main; sys.exit(main())", *map(str, args)]
@@ -67,7 +76,7 @@ def run_command(tool: str, *args, log: Path, quiet: bool = False) -> float:
     with open(log, "a") as f:
         f.write(f"$ {shown}\n")
         f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=f if quiet else None, env=_env())
+        proc = subprocess.run(cmd, stdout=f, stderr=f if quiet else None, env={**_env(), **(env or {})})
     if proc.returncode != 0:
         raise MedAlignError(f"`{shown}` failed with status {proc.returncode}; see {log}")
     dt = time.perf_counter() - t0
@@ -155,7 +164,10 @@ def prepare(work: Path, *, sizes: dict[str, int] | None = None, data_seed: int =
     if (data_dir / "grid_masks.json").is_file():
         sizes = dict(SPLITS if sizes is None else sizes)
         data = {"root": data_dir, "images": data_dir / "images", "masks": data_dir / "masks",
-                "grid_masks": data_dir / "grid_masks.json", **{k: data_dir / f"{k}.json" for k in sizes}}
+                "grid_masks": data_dir / "grid_masks.json", "regions": data_dir / REGIONS_DIR / REGIONS_FILE,
+                **{k: data_dir / f"{k}.json" for k in sizes}}
+        if not data["regions"].is_file():  # a work dir from before the data wrote regions/
+            write_lesion_regions(data_dir)
     else:
         data = make_grounding_dataset(data_dir, data_seed, sizes)
     timings["data"] = time.perf_counter() - t0
@@ -205,6 +217,53 @@ def generate_and_score(setup: Setup, run_dir: Path, recipe: Recipe, split: str =
     return preds, metrics, dt
 
 
+def tsne_layers(recipe: Recipe) -> tuple[int, ...]:
+    """The hidden states ``medalign-eval tsne`` embeds: 0, the projected image tokens (the projector
+    is frozen, so the same for every arm: the control); the align layer's input (1 for the 4-layer
+    student: after W, where L_vis pulls the tokens towards the teacher's S_e); the last decoder
+    layer's input (3: the deepest state the command reaches)."""
+    return tuple(sorted({0, recipe.align_layer, recipe.layers - 1}))
+
+
+def tsne_separability(setup: Setup, run_dir: Path, recipe: Recipe, split: str = "test", *,
+                      max_images: int = TSNE_IMAGES, out: Path | None = None) -> dict:
+    """``medalign-eval tsne`` of one run at :func:`tsne_layers` on ``split``'s first ``max_images``
+    images, ``--regions`` = the lesion masks (0 background, 1 lesion). Writes ``out`` (default
+    ``run_dir/tsne.png``; ``tsne_SPLIT.png`` off the test split) and the command's JSON beside it,
+    with ``"grounding": {"split", "max_images", "wall_s"}`` added, and returns that JSON (the run is
+    skipped when the files are there for the same layers, split and images). ``layers[L]`` holds
+    ``probe_accuracy``, ``probe_balanced_accuracy``, ``majority_fraction``, ``silhouette``, ...
+
+    The command runs with ``OMP_NUM_THREADS=1`` unless the caller set it: scikit-learn's
+    Barnes-Hut t-SNE gradient on a few hundred points spins its OpenMP threads against whatever
+    else runs (same results; 48 s vs 19 s for 20 images on a loaded 2-core machine)."""
+    out = run_dir / ("tsne.png" if split == "test" else f"tsne_{split}.png") if out is None else out
+    side = out.with_suffix(".json")
+    layers = tsne_layers(recipe)
+    asked = {"split": split, "max_images": int(max_images)}
+    if side.is_file() and out.is_file():
+        doc = json.loads(side.read_text())
+        done = doc.get("grounding", {})
+        if sorted(map(int, doc.get("layers", {}))) == list(layers) and all(done.get(k) == v for k, v in asked.items()):
+            return doc
+    dt = run_command("medalign-eval", "tsne", "--model", setup.student, "--adapter", run_dir,
+                     "--data", setup.data[split], "--image-root", setup.data["images"],
+                     "--regions", setup.data["regions"], "--out", out, "--layers", ",".join(map(str, layers)),
+                     "--max-images", max_images, "--device", "cpu", log=setup.log, quiet=True,
+                     env={} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": "1"})
+    doc = json.loads(side.read_text())
+    doc["grounding"] = {**asked, "wall_s": round(dt, 1)}
+    side.write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def separability_summary(doc: dict) -> dict[str, dict[str, float | None]]:
+    """Per layer of a :func:`tsne_separability` document: probe accuracy, balanced accuracy, the
+    majority share the accuracy must beat, silhouette."""
+    keys = ("probe_accuracy", "probe_balanced_accuracy", "majority_fraction", "silhouette")
+    return {L: {k: s.get(k) for k in keys} for L, s in doc["layers"].items()}
+
+
 def lesion_attention_masses(model: Path, run_dir: Path, data: Path, image_root: Path, grid_masks: Path,
                             layer: int, limit: int | None = None) -> np.ndarray:
     """Per test question, the share of the question tokens' attention to the image that falls on the
@@ -239,5 +298,6 @@ def final_losses(run_dir: Path, last: int = 10) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in tail])) for k in ("lm_loss", "vis_loss", "att_loss")}
 
 
-__all__ = ["ARMS", "POSITION_SCALE", "Recipe", "Setup", "final_losses", "generate_and_score",
-           "lesion_attention_masses", "make_student", "prepare", "run_command", "shuffled_records", "train_arm"]
+__all__ = ["ARMS", "POSITION_SCALE", "TSNE_IMAGES", "Recipe", "Setup", "final_losses",
+           "generate_and_score", "lesion_attention_masses", "make_student", "prepare", "run_command",
+           "separability_summary", "shuffled_records", "train_arm", "tsne_layers", "tsne_separability"]

@@ -16,8 +16,11 @@ The lesion's pixel mask is saved per image (``masks/NAME.png``, 0/255) and its p
 student's ``G x G`` grid (``grid_masks.json``: image -> list of N = G*G 0/1 flags, row-major; a
 patch counts when the lesion covers at least ``PATCH_COVER`` of its pixels). Splits: ``train``
 (small, so that the language loss alone does not solve it), ``val`` (carved from the same
-distribution, for any tuning) and ``test`` (held out; >= 1,000 questions by default). Everything
-is a function of ``seed``: two calls write identical files.
+distribution, for any tuning) and ``test`` (held out; >= 1,000 questions by default). The same
+lesion masks are also written as a ``medalign-regions`` folder (``regions/regions.json`` and
+``regions/masks/NAME.png``, labels 0 background / 1 lesion, :func:`write_lesion_regions`), the
+``--regions`` of ``medalign-eval tsne`` (``masks/`` holds 0/255, which that format would read as
+label 255). Everything is a function of ``seed``: two calls write identical files.
 
 It lives in ``shared`` because both ``bench/grounding.py`` and ``medalign-eval demo`` use it.
 """
@@ -42,6 +45,8 @@ QUESTIONS = {
     "upper": "Is the lesion in the upper half?",
     "quadrant": "Which quadrant holds the lesion?",
 }
+#: The folder (under the data root) of the lesion masks in the ``medalign-regions`` format.
+REGIONS_DIR = "regions"
 #: Default split sizes in images (3 questions each): the test split holds 1,200 questions.
 SPLITS = {"train": 96, "val": 32, "test": 400}
 
@@ -144,10 +149,29 @@ def records(scans: list[Scan], start_id: int) -> list[dict]:
     return out
 
 
-def make_grounding_dataset(root: str | Path, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, Path]:
-    """``images/``, ``masks/``, ``{train,val,test}.json`` and ``grid_masks.json`` under ``root``.
+def write_lesion_regions(root: str | Path) -> Path:
+    """``root/regions/`` (:data:`REGIONS_DIR`): every ``masks/NAME.png`` under ``root`` as a
+    ``medalign-regions`` mask (:func:`shared.regions.write_regions`: 0 background, 1 lesion, the
+    image's size) keyed by ``NAME.png``, the image path the records use. Returns ``regions.json``."""
+    from shared.regions import write_regions
 
-    Returns the paths (keys ``root``, ``images``, ``masks``, ``grid_masks`` and one per split).
+    root = Path(root)
+    names = sorted(p.name for p in (root / "masks").glob("*.png"))
+
+    def masks():
+        for name in names:
+            with Image.open(root / "masks" / name) as img:
+                yield name, (np.asarray(img) > 127).astype(np.uint8)
+
+    return write_regions(root / REGIONS_DIR, masks(), {0: "background", 1: "lesion"})
+
+
+def make_grounding_dataset(root: str | Path, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, Path]:
+    """``images/``, ``masks/``, ``{train,val,test}.json``, ``grid_masks.json`` and ``regions/``
+    (:func:`write_lesion_regions`) under ``root``.
+
+    Returns the paths (keys ``root``, ``images``, ``masks``, ``grid_masks``, ``regions`` (the
+    ``regions.json`` file) and one per split).
     Each split draws from its own seed (``seed * 1000 + k``), so the test split does not change
     when the train split's size does.
     """
@@ -163,6 +187,7 @@ def make_grounding_dataset(root: str | Path, seed: int = 0, sizes: dict[str, int
         paths[split].write_text(json.dumps(recs, indent=1))
         grids.update({s.image: [int(v) for v in s.grid_mask] for s in scans})
     paths["grid_masks"].write_text(json.dumps({"grid": GRID, "patch_cover": PATCH_COVER, "masks": grids}))
+    paths["regions"] = write_lesion_regions(root)
     return paths
 
 
@@ -172,5 +197,6 @@ def load_grid_masks(path: str | Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=bool) for k, v in doc["masks"].items()}
 
 
-__all__ = ["GRID", "IMAGE_SIZE", "PATCH_SIZE", "PATCH_COVER", "QUADRANTS", "QUESTIONS", "SPLITS", "Scan",
-           "answers", "draw_scan", "grid_mask", "load_grid_masks", "make_grounding_dataset", "make_scans", "records"]
+__all__ = ["GRID", "IMAGE_SIZE", "PATCH_SIZE", "PATCH_COVER", "QUADRANTS", "QUESTIONS", "REGIONS_DIR", "SPLITS",
+           "Scan", "answers", "draw_scan", "grid_mask", "load_grid_masks", "make_grounding_dataset", "make_scans", "records",
+           "write_lesion_regions"]
