@@ -151,7 +151,7 @@ def write_attention_figure(gen, image_path: str | Path, question: str, out: str 
     result, fig = attention_figure(gen, image_path, question, layer=layer, max_new_tokens=max_new_tokens)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")  # the two-line titles stay inside the picture
     plt.close(fig)
     if map_out is not None:
         Path(map_out).parent.mkdir(parents=True, exist_ok=True)
