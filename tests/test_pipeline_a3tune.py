@@ -1,6 +1,6 @@
 """A3Tune end to end on real VQA-RAD images, through the real commands and the real cache reader:
 convert -> ``medalign-cache build --signals a3tune`` (the tiny SAM in the original ``.pth`` layout,
-the tiny BiomedCLIP directory) -> ``medalign-train --method a3tune`` (plain and with ``--a3-moe``)
+the tiny BiomedCLIP directory) -> ``medalign-train --method a3tune`` (with A3MoE, the default, and ``--no-a3-moe``)
 -> ``medalign-eval generate --adapter`` -> ``score``.
 
 The training tests in ``tests/student_train/test_a3_train.py`` use a stand-in cache; this one checks
@@ -73,7 +73,7 @@ def test_a3tune_cache_train_generate_score(a3_setup, moe):
 
     s = a3_setup
     run = s["tmp"] / ("run-moe" if moe else "run")
-    extra = ["--a3-moe"] if moe else []
+    extra = [] if moe else ["--no-a3-moe"]  # A3MoE is the default (their scripts)
     _invoke(train_main, ["--method", "a3tune", "--cache", s["cache"], "--model", s["student"],
                          "--data", s["tmp"] / "train.json", "--image-root", s["images"], "--out", run,
                          "--a3-top-heads", "8", "--a3-lambda", "0.5", "--max-steps", "4", "--batch-size", "4",
