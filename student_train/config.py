@@ -102,8 +102,8 @@ class LoraArgs:
     reports, alpha 16, dropout 0.05)."""
 
     lora_r: int | None = None
-    """LoRA rank (default: the method's, METHOD_LORA_R: 32 for medalign, the MedAlign reference's VQA
-    runs; 64 for a3tune, every A3Tune script)."""
+    """LoRA rank (default: the method's published runs: 32 for medalign, MedAlign's VQA scripts; 64 for
+    a3tune, every A3Tune script)."""
     lora_alpha: float = 16
     """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
     lora_dropout: float = 0.05
