@@ -1,8 +1,10 @@
-"""Test helper: a fake SAM and geometry (the interfaces of teacher_cache.a3tune.sam / geometry), data sets.
+"""Test helper: a fake SAM (the interface of teacher_cache.a3tune.sam) and data sets.
 
 The fake generator is deterministic in the view's pixels: it proposes boxes on a fixed grid and keeps
 those whose mean intensity is above the view's, so a uniform image yields no mask ("no crop, no
-labels"). :func:`install` puts the two fake modules into ``sys.modules`` for one test.
+labels"). Everything else is the real code: the settings and mask classes of
+``teacher_cache.a3tune.sam`` and the geometry of ``teacher_cache.a3tune.geometry``. :func:`install`
+puts the fake module into ``sys.modules`` for one test.
 """
 
 from __future__ import annotations
@@ -10,37 +12,13 @@ from __future__ import annotations
 import json
 import sys
 import types
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-
-@dataclass(frozen=True)
-class SamSettings:
-    points_per_side: int = 8
-    points_per_batch: int = 128
-    pred_iou_thresh: float = 0.5
-    stability_score_thresh: float = 0.5
-    box_nms_thresh: float = 0.8
-    crop_n_layers: int = 1
-    crop_n_points_downscale_factor: int = 2
-    crop_nms_thresh: float = 0.8
-    min_mask_region_area: int = 200
-    max_area: int = 40_000
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class WeakMask:
-    segmentation: np.ndarray
-    bbox: tuple[int, int, int, int]
-    area: int
-    predicted_iou: float
-    stability_score: float
+from teacher_cache.a3tune import sam as real_sam
+from teacher_cache.a3tune.sam import SamSettings, WeakMask
 
 
 class FakeSam:
@@ -74,34 +52,13 @@ def generate_masks(sam, view, settings):
     return out
 
 
-def sam_view(image, geometry, background):
-    from shared.images import expand2square
-
-    if geometry == "pad":
-        return np.asarray(expand2square(image, background).resize((256, 256)), np.uint8).copy()
-    return np.ascontiguousarray(np.asarray(image.resize((256, 256)), np.uint8)[..., ::-1])
-
-
-def masks_to_grid(masks, geometry, grid):
-    idx = (np.arange(grid) * 256 // grid + 256 // (2 * grid))
-    return masks[:, idx][:, :, idx].reshape(len(masks), grid * grid)
-
-
-def crop_for_clip(view, mask):
-    x, y, w, h = mask.bbox
-    return (view * mask.segmentation[..., None])[y:y + h, x:x + w].astype(np.uint8)
-
-
 def install(monkeypatch) -> None:
-    """The fake ``teacher_cache.a3tune.sam`` and ``.geometry`` modules, for one test."""
+    """The fake ``teacher_cache.a3tune.sam`` module (the real one with the fake loader and generator),
+    for one test."""
     sam = types.ModuleType("teacher_cache.a3tune.sam")
-    sam.__dict__.update(SamSettings=SamSettings, WeakMask=WeakMask, load_sam=load_sam, generate_masks=generate_masks,
-                        FAST_SAM_SETTINGS=SamSettings(points_per_side=4, crop_n_layers=0))
-    geo = types.ModuleType("teacher_cache.a3tune.geometry")
-    geo.__dict__.update(GEOMETRIES=("pad", "stretch"), sam_view=sam_view, masks_to_grid=masks_to_grid,
-                        crop_for_clip=crop_for_clip)
+    sam.__dict__.update(vars(real_sam))
+    sam.__dict__.update(load_sam=load_sam, generate_masks=generate_masks)
     monkeypatch.setitem(sys.modules, "teacher_cache.a3tune.sam", sam)
-    monkeypatch.setitem(sys.modules, "teacher_cache.a3tune.geometry", geo)
 
 
 def make_dataset(root: Path, n_images: int = 5, seed: int = 0, uniform: int = 1) -> Path:
@@ -126,7 +83,7 @@ def make_dataset(root: Path, n_images: int = 5, seed: int = 0, uniform: int = 1)
     return root / "train.json"
 
 
-FAST = {"points_per_side": 4, "crop_n_layers": 0}
+FAST = {"points_per_side": 4, "crop_n_layers": 0}  # a partial override, as a --sam-settings file may be
 
 
 def memo_clip(monkeypatch) -> None:

@@ -1,4 +1,4 @@
-"""``build --signals a3tune`` end to end with a fake SAM (tests/teacher_cache/a3_fakes.py) and the tiny
+"""``build --signals a3tune`` end to end with a fake SAM (tests/teacher_cache/a3_cache_fakes.py) and the tiny
 BiomedCLIP: the round trip (zarr, hdf5) against a straightforward recomputation, resume after an
 interruption equals an uninterrupted build, --skip-bad."""
 
@@ -48,22 +48,24 @@ def config(world, out, **kw) -> A3BuildConfig:
 def expected_entries(world, template="vqa-rad", k=8, geometry="pad", background=None):
     """The pipeline recomputed directly: view, masks, crops, features, python sorted, grid cells."""
     from teacher_cache.a3tune.biomedclip import load_biomedclip
+    from teacher_cache.a3tune.geometry import crop_for_clip, masks_to_grid, sam_view
+    from teacher_cache.a3tune.sam import SamSettings
 
     clip = load_biomedclip(world["clip"])
     bg = background or (122, 116, 104)
-    settings = a3_fakes.SamSettings(**a3_fakes.FAST)
+    settings = SamSettings(**a3_fakes.FAST)
     out = {}
     for rec in load_records(world["data"]):
         img, key = load_image(world["data"].parent / rec["image"])
-        view = a3_fakes.sam_view(img, geometry, bg)
+        view = sam_view(img, geometry, bg)
         masks = a3_fakes.generate_masks(None, view, settings)
         text = query_text(rec, template)
         if masks:
-            feats = clip.encode_crops([a3_fakes.crop_for_clip(view, m) for m in masks])
+            feats = clip.encode_crops([crop_for_clip(view, m) for m in masks])
             t = clip.encode_texts([text])[0]
             s = [float(f @ t) for f in feats]
             idx = sorted(range(len(masks)), key=lambda i: s[i], reverse=True)[:k]
-            cells = a3_fakes.masks_to_grid(np.stack([m.segmentation for m in masks]), geometry, GRID)
+            cells = masks_to_grid(np.stack([m.segmentation for m in masks]), geometry, GRID)
             labels, scores = cells[idx].astype(np.float32), np.asarray([s[i] for i in idx], np.float32)
         else:
             labels, scores = np.zeros((0, GRID * GRID), np.float32), np.zeros(0, np.float32)
