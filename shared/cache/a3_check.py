@@ -17,18 +17,10 @@ from typing import Callable
 
 from shared.cache.a3_manifest import A3Manifest
 from shared.cache.a3_storage import make_a3_storage
-from shared.cache.check import SHOW, Report, inside
+from shared.cache.check import Report, check_listed_files, check_shard_layout, inside
 from shared.cache.manifest import INDEX_NAME
-from shared.cache.storage import STAGING
-from shared.cache.writer import PROGRESS
 from shared.errors import CacheDamagedError, MedAlignError
 from shared.images import sha256_file
-
-
-def _chunk_files(root: Path, m: A3Manifest) -> set[str]:
-    dirs = ["shards"] if m.storage == "hdf5" else ["key/c", "count/c", "masks/c", "emb/c"]
-    return {p.relative_to(root).as_posix() for d in dirs if (root / d).is_dir() for p in (root / d).rglob("*")
-            if p.is_file()}
 
 
 def _zarr_meta(root: Path, m: A3Manifest, r: Report) -> None:
@@ -58,30 +50,8 @@ def check_a3_structure(cache: str | Path) -> Report:
         return r
     r.manifest = m  # type: ignore[assignment]
     store = make_a3_storage(m.storage, root, m.rows, m.shard_size, m.max_masks, m.mask_bytes, m.embed_dim)
-    count = -(-m.rows // m.shard_size) if m.shard_size > 0 else -1
-    if len(m.shards) != count:
-        r.problems.append(f"manifest lists {len(m.shards)} shard(s); {m.rows} rows in shards of {m.shard_size} need "
-                          f"{count}")
-    listed: set[str] = set()
-    for pos, s in enumerate(m.shards):
-        want = (pos, pos * m.shard_size, min((pos + 1) * m.shard_size, m.rows))
-        got = (s.get("index"), s.get("start"), s.get("stop")) if isinstance(s, dict) else None
-        if got != want:
-            r.problems.append(f"shard entry {pos}: index/start/stop {got}, expected {want}")
-            continue
-        files = s.get("files") if isinstance(s.get("files"), dict) else {}
-        unsafe = {f for f in files if not inside(root, f)}
-        for f in sorted(unsafe):
-            r.problems.append(f"shard {pos}: file {f!r} is not a path inside the cache (refused, not read)")
-        names = set(files) - unsafe
-        listed |= names
-        if names != store.shard_files(pos):
-            r.problems.append(f"shard {pos}: lists {sorted(files)}, expected {sorted(store.shard_files(pos))}")
-        r.problems.extend(f"{f}: missing" for f in sorted(names) if not (root / f).is_file())
-    extra = sorted(_chunk_files(root, m) - listed)
-    r.problems.extend(f"{f}: a chunk file the manifest does not list" for f in extra[:SHOW])
-    if len(extra) > SHOW:
-        r.problems.append(f"... and {len(extra) - SHOW} more unlisted chunk files")
+    check_shard_layout(root, m, r, store.shard_files,
+                       ["shards"] if m.storage == "hdf5" else ["key/c", "count/c", "masks/c", "emb/c"])
     if m.storage == "zarr":
         _zarr_meta(root, m, r)
     sel = m.selection
@@ -103,29 +73,14 @@ def check_a3_structure(cache: str | Path) -> Report:
         r.problems.append(f"{INDEX_NAME}: missing")
     elif m.index_sha256 and sha256_file(index) != m.index_sha256:
         r.problems.append(f"{INDEX_NAME}: its sha256 is not the one the manifest recorded (edited or damaged)")
-    for leftover in (STAGING, PROGRESS):
-        if (root / leftover).exists():
-            r.notes.append(f"{leftover}/ is left over from an interrupted build (harmless; may be removed)")
     return r
 
 
 def check_a3_files(cache: str | Path, m: A3Manifest,
                    progress: Callable[[int], None] | None = None) -> tuple[int, list[str]]:
     """Hash every file the manifest lists (shards and selection): ``(files, problems)``."""
-    root = Path(cache)
     listed = [(rel, d) for s in m.shards for rel, d in (s.get("files") or {}).items()]
-    listed += list((m.selection.get("files") or {}).items())
-    problems = []
-    for rel, digest in listed:
-        if not inside(root, rel):
-            problems.append(f"{rel}: not a path inside the cache (refused, not read)")
-        elif not (root / rel).is_file():
-            problems.append(f"{rel}: missing")
-        elif sha256_file(root / rel) != digest:
-            problems.append(f"{rel}: checksum mismatch")
-        if progress is not None:
-            progress(1)
-    return len(listed), problems
+    return check_listed_files(cache, listed + list((m.selection.get("files") or {}).items()), progress)
 
 
 def read_every_row(cache: str | Path, progress: Callable[[int], None] | None = None) -> tuple[int, int, list[str]]:

@@ -16,7 +16,7 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -69,7 +69,11 @@ def expected_files(m: Manifest, shard: int) -> set[str]:
     return {f"key/c/{shard}", f"sim/c/{shard}/0", f"attn/c/{shard}/0"}
 
 
-def _check_shards(root: Path, m: Manifest, r: Report) -> None:
+def check_shard_layout(root: Path, m, r: Report, expected: Callable[[int], set[str]],
+                       chunk_dirs: Sequence[str]) -> None:
+    """The shard list of manifest ``m`` (either cache kind: ``rows``, ``shard_size``, ``shards``) against
+    its row layout, each shard's files against ``expected(shard)`` (inside the cache, present), no chunk
+    file under ``chunk_dirs`` that no shard lists; leftovers of an interrupted build as notes."""
     if m.shard_size < 1 or m.rows < 0:
         r.problems.append(f"manifest: rows {m.rows} / shard_size {m.shard_size} are not a shard layout")
         return
@@ -93,13 +97,14 @@ def _check_shards(root: Path, m: Manifest, r: Report) -> None:
             r.problems.append(f"shard {pos}: file {f!r} is not a path inside the cache (refused, not read)")
         names = set(files) - set(unsafe)
         listed |= names
-        expected = expected_files(m, pos)
-        if names - expected or (expected - names and not unsafe):
-            r.problems.append(f"shard {pos}: lists {sorted(files)}, expected {sorted(expected)}")
-        for f in sorted(names & expected):
+        want_files = expected(pos)
+        if names - want_files or (want_files - names and not unsafe):
+            r.problems.append(f"shard {pos}: lists {sorted(files)}, expected {sorted(want_files)}")
+        for f in sorted(names & want_files):
             if not (root / f).is_file():
                 r.problems.append(f"{f}: missing")
-    on_disk = _chunk_files(root, m)
+    on_disk = {p.relative_to(root).as_posix() for d in chunk_dirs if (root / d).is_dir()
+               for p in (root / d).rglob("*") if p.is_file()}
     for f in sorted(on_disk - listed)[:SHOW]:
         r.problems.append(f"{f}: a chunk file the manifest does not list")
     if len(on_disk - listed) > SHOW:
@@ -107,15 +112,6 @@ def _check_shards(root: Path, m: Manifest, r: Report) -> None:
     for leftover in (STAGING, PROGRESS):
         if (root / leftover).exists():
             r.notes.append(f"{leftover}/ is left over from an interrupted build (harmless; may be removed)")
-
-
-def _chunk_files(root: Path, m: Manifest) -> set[str]:
-    dirs = ["shards"] if m.storage == "hdf5" else ["key/c", "sim/c", "attn/c"]
-    out = set()
-    for d in dirs:
-        if (root / d).is_dir():
-            out |= {p.relative_to(root).as_posix() for p in (root / d).rglob("*") if p.is_file()}
-    return out
 
 
 def _zarr_meta(root: Path, m: Manifest, r: Report) -> None:
@@ -248,7 +244,8 @@ def check_structure(cache: str | Path) -> Report:
     if not m.checksum:
         r.notes.append("the manifest carries no checksum of its own (built before it did): edits to it are "
                        "caught only where they contradict the arrays")
-    _check_shards(root, m, r)
+    check_shard_layout(root, m, r, lambda pos: expected_files(m, pos),
+                       ["shards"] if m.storage == "hdf5" else ["key/c", "sim/c", "attn/c"])
     (_hdf5_meta if m.storage == "hdf5" else _zarr_meta)(root, m, r)
     _check_index(root, m, r)
     return r
@@ -270,17 +267,23 @@ def require_structure(cache: str | Path) -> Report:
 def check_file_checksums(cache: str | Path, m: Manifest,
                          progress: Callable[[int], None] | None = None) -> tuple[int, list[str]]:
     """Hash every file the manifest lists (inside the cache only): ``(files, problems)``."""
+    return check_listed_files(cache, [(rel, d) for s in m.shards for rel, d in (s.get("files") or {}).items()],
+                              progress)
+
+
+def check_listed_files(cache: str | Path, listed: list[tuple[str, str]],
+                       progress: Callable[[int], None] | None = None) -> tuple[int, list[str]]:
+    """Hash each ``(relative path, sha256)`` (paths outside the cache are refused, not read):
+    ``(files, problems)``."""
     root = Path(cache)
-    problems, count = [], 0
-    for s in m.shards:
-        for rel, digest in (s.get("files") or {}).items():
-            count += 1
-            if not inside(root, rel):
-                problems.append(f"{rel}: not a path inside the cache (refused, not read)")
-            elif not (root / rel).is_file():
-                problems.append(f"{rel}: missing")
-            elif sha256_file(root / rel) != digest:
-                problems.append(f"{rel}: checksum mismatch")
-            if progress is not None:
-                progress(1)
-    return count, problems
+    problems = []
+    for rel, digest in listed:
+        if not inside(root, rel):
+            problems.append(f"{rel}: not a path inside the cache (refused, not read)")
+        elif not (root / rel).is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256_file(root / rel) != digest:
+            problems.append(f"{rel}: checksum mismatch")
+        if progress is not None:
+            progress(1)
+    return len(listed), problems
