@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.cache.storage import STAGING, _blosc, _ShardFile
+from shared.cache.storage import STAGING, _blosc, _ShardFile, commit_staged_chunks
 from shared.images import sha256_file
 
 IMAGE_ARRAYS = ("key", "count", "masks", "emb")
@@ -87,17 +87,7 @@ class A3Zarr(A3Layout):
         arrays["count"][start:stop] = counts.astype(np.int16)
         arrays["masks"][start:stop] = masks
         arrays["emb"][start:stop] = emb
-        files = {}
-        for name in IMAGE_ARRAYS:
-            for path in sorted((stage / name / "c").rglob("*")):
-                if path.is_file():
-                    rel = path.relative_to(stage).as_posix()
-                    files[rel] = sha256_file(path)
-                    dest = self.root / rel
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(path, dest)
-        shutil.rmtree(stage, ignore_errors=True)
-        return files
+        return commit_staged_chunks(stage, self.root, IMAGE_ARRAYS)
 
     def open_rows(self) -> "_ZarrImageRows":
         import zarr

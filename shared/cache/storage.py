@@ -32,6 +32,21 @@ def _blosc(dtype: str):
     return BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle" if dtype == "int8" else "shuffle")
 
 
+def commit_staged_chunks(stage: Path, root: Path, arrays) -> dict[str, str]:
+    """Move the chunk files a shard's write left under ``stage/<array>/c/`` into the cache at ``root``
+    (each by a rename, after hashing it), remove ``stage``; returns {relative file: sha256}."""
+    files = {}
+    for name in arrays:
+        for path in sorted((stage / name / "c").rglob("*")):
+            if path.is_file():
+                rel = path.relative_to(stage).as_posix()
+                files[rel] = sha256_file(path)
+                dest = root / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, dest)
+    shutil.rmtree(stage, ignore_errors=True)
+    return files
+
 class _Layout:
     """What both layouts are given: the cache directory, its rows, N, rows per shard, the sim encoding.
 
@@ -93,17 +108,7 @@ class ZarrStorage(_Layout):
         arrays["key"][start:stop] = np.asarray(keys, dtype=object)
         arrays["sim"][start:stop] = sim
         arrays["attn"][start:stop] = attn
-        files = {}
-        for name in ("key", "sim", "attn"):
-            for path in sorted((stage / name / "c").rglob("*")):
-                if path.is_file():
-                    rel = path.relative_to(stage).as_posix()
-                    files[rel] = sha256_file(path)
-                    dest = self.root / rel
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(path, dest)
-        shutil.rmtree(stage, ignore_errors=True)
-        return files
+        return commit_staged_chunks(stage, self.root, ("key", "sim", "attn"))
 
     def open_reader(self):
         import zarr
