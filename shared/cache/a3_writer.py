@@ -30,7 +30,7 @@ from shared.cache.a3_storage import make_a3_storage
 from shared.cache.lock import LOCK_NAME
 from shared.cache.manifest import INDEX_NAME, MANIFEST_NAME, STORAGES
 from shared.cache.storage import STAGING
-from shared.cache.writer import PROGRESS, _version, join_plan, normalise_rel
+from shared.cache.writer import PROGRESS, ShardMarkers, _version, join_plan, normalise_rel
 from shared.errors import MedAlignError
 from shared.fileio import atomic_write_json
 from shared.images import sha256_file
@@ -38,7 +38,7 @@ from shared.images import sha256_file
 DEFAULT_A3_SHARD_SIZE = 128
 
 
-class A3Writer:
+class A3Writer(ShardMarkers):
     """Creates, resumes or re-selects an A3 cache in ``out``.
 
     ``identity``: the :data:`IMAGE_IDENTITY_KEYS` of the planned build; ``keys`` the sha256 of each row's
@@ -137,20 +137,8 @@ class A3Writer:
                                 f"{', '.join(changed[:5])}; build into a new --out")
 
     # -- image shards -----------------------------------------------------------------------------
-    @property
-    def num_shards(self) -> int:
-        return -(-len(self.keys) // self.shard_size)
-
-    def shard_rows(self, shard: int) -> range:
-        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(self.keys)))
-
-    def _marker(self, shard: int) -> Path:
-        return self.out / PROGRESS / f"shard-{shard:05d}.json"
-
-    def pending_shards(self) -> list[int]:
-        if self.existing is not None:
-            return []
-        return [s for s in range(self.num_shards) if not self._marker(s).is_file()]
+    def _finished(self) -> bool:
+        return self.existing is not None
 
     def write_shard(self, shard: int, counts: np.ndarray, masks: np.ndarray, emb: np.ndarray,
                     failures: list[dict[str, str]] | None = None, failed_rows: set[int] | None = None) -> None:
@@ -165,8 +153,7 @@ class A3Writer:
         keys = [("" if failed_rows and r in failed_rows else self.keys[r]) for r in rows]
         files = st.write_shard(shard, rows.start, keys, np.asarray(counts), np.asarray(masks, np.uint8),
                                np.asarray(emb, np.float32))
-        atomic_write_json(self._marker(shard), {"index": shard, "start": rows.start, "stop": rows.stop,
-                                                "files": files, "failures": failures or []})
+        self._commit_marker(shard, files, failures)
 
     def _committed(self) -> tuple[list[dict], list[dict]]:
         if self.existing is not None:

@@ -59,7 +59,42 @@ def join_plan(out: Path, plan: dict[str, Any]) -> None:
                             f"{', '.join(changed)}); every rank must see the same --data files and images")
 
 
-class CacheWriter:
+class ShardMarkers:
+    """A build's row ranges and per-shard progress markers, shared by both cache kinds' writers.
+
+    Needs ``out``, ``keys`` (one per row), ``shard_size`` and :meth:`_finished` (``--resume`` of a
+    finished cache: nothing is pending). A shard is committed when its marker (its rows, files with
+    their sha256, ``--skip-bad`` failures) is on disk."""
+
+    out: Path
+    keys: list[str]
+    shard_size: int
+
+    def _finished(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def num_shards(self) -> int:
+        return -(-len(self.keys) // self.shard_size)
+
+    def shard_rows(self, shard: int) -> range:
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(self.keys)))
+
+    def _marker(self, shard: int) -> Path:
+        return self.out / PROGRESS / f"shard-{shard:05d}.json"
+
+    def pending_shards(self) -> list[int]:
+        if self._finished():
+            return []
+        return [s for s in range(self.num_shards) if not self._marker(s).is_file()]
+
+    def _commit_marker(self, shard: int, files: dict[str, str], failures: list[dict[str, str]] | None) -> None:
+        rows = self.shard_rows(shard)
+        atomic_write_json(self._marker(shard), {"index": shard, "start": rows.start, "stop": rows.stop,
+                                                "files": files, "failures": failures or []})
+
+
+class CacheWriter(ShardMarkers):
     """Creates (or resumes) a cache in ``out``.
 
     ``identity`` is the dict of :data:`~shared.cache.manifest.BUILD_IDENTITY_KEYS` (plus anything else
@@ -178,20 +213,8 @@ class CacheWriter:
         return True
 
     # -- shards ----------------------------------------------------------------------------------
-    @property
-    def num_shards(self) -> int:
-        return (len(self.keys) + self.shard_size - 1) // self.shard_size
-
-    def shard_rows(self, shard: int) -> range:
-        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(self.keys)))
-
-    def _marker(self, shard: int) -> Path:
-        return self.out / PROGRESS / f"shard-{shard:05d}.json"
-
-    def pending_shards(self) -> list[int]:
-        if self.complete:
-            return []
-        return [s for s in range(self.num_shards) if not self._marker(s).is_file()]
+    def _finished(self) -> bool:
+        return self.complete
 
     def write_shard(self, shard: int, sim: np.ndarray, attn: np.ndarray,
                     failures: list[dict[str, str]] | None = None, failed_rows: set[int] | None = None) -> None:
@@ -208,8 +231,7 @@ class CacheWriter:
             sim = sim.astype(np.float32, copy=False)
         files = self.storage.write_shard(shard, rows.start, keys, encode_sim(sim, self.sim_dtype),
                                          np.asarray(attn, np.float32))
-        atomic_write_json(self._marker(shard), {"index": shard, "start": rows.start, "stop": rows.stop,
-                                                "files": files, "failures": failures or []})
+        self._commit_marker(shard, files, failures)
 
     # -- finish ----------------------------------------------------------------------------------
     def finalize(self, *, expert: str, arch: str, weights_sha256: str, token_mode: str,
