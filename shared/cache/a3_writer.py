@@ -30,7 +30,7 @@ from shared.cache.a3_storage import make_a3_storage
 from shared.cache.lock import LOCK_NAME
 from shared.cache.manifest import INDEX_NAME, MANIFEST_NAME, STORAGES
 from shared.cache.storage import STAGING
-from shared.cache.writer import PROGRESS, ShardMarkers, _version, join_plan, normalise_rel
+from shared.cache.writer import PROGRESS, ShardMarkers, _version, join_plan, normalise_rel, unfinished_plan
 from shared.errors import MedAlignError
 from shared.fileio import atomic_write_json
 from shared.images import sha256_file
@@ -101,13 +101,7 @@ class A3Writer(ShardMarkers):
             self.existing, self.images_complete = existing, True
             return
         if progress.is_dir():
-            if not resume:
-                raise MedAlignError(f"--out {self.out} holds an unfinished build; pass --resume to finish it "
-                                    "or remove the directory")
-            try:
-                old = json.loads((progress / "plan.json").read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                old = None
+            old = unfinished_plan(self.out, resume)
             if old is not None and old != self.plan:
                 changed = [k for k in self.plan if old.get(k) != self.plan[k]]
                 raise MedAlignError(f"--resume: the unfinished build in {self.out} was started with different "

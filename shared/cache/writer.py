@@ -59,6 +59,18 @@ def join_plan(out: Path, plan: dict[str, Any]) -> None:
                             f"{', '.join(changed)}); every rank must see the same --data files and images")
 
 
+def unfinished_plan(out: Path, resume: bool) -> dict | None:
+    """The plan an unfinished build in ``out`` was started with (None when its ``plan.json`` is gone or
+    unreadable), refusing to go on without ``--resume``."""
+    if not resume:
+        raise MedAlignError(f"--out {out} holds an unfinished build; pass --resume to finish it "
+                            "or remove the directory")
+    try:
+        return json.loads((out / PROGRESS / "plan.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 class ShardMarkers:
     """A build's row ranges and per-shard progress markers, shared by both cache kinds' writers.
 
@@ -163,13 +175,7 @@ class CacheWriter(ShardMarkers):
                                 + ("" if resume else "; pass --resume to reuse it")
                                 + (" but for other images; build into a new --out" if resume else ""))
         if progress.is_dir():
-            if not resume:
-                raise MedAlignError(f"--out {self.out} holds an unfinished build; pass --resume to finish it "
-                                    "or remove the directory")
-            try:
-                old = json.loads((progress / "plan.json").read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                old = None
+            old = unfinished_plan(self.out, resume)
             if old is not None and isinstance(old.get("identity"), dict):
                 # a plan from before the setting existed resampled the raw tokens (see Manifest)
                 old["identity"].setdefault("resample_order", LEGACY_RESAMPLE_ORDER)
