@@ -42,13 +42,7 @@ def plot_entry(cache: Path, image: Path, out: Path, patch: int | None = None) ->
     im = axes[1].imshow(sim[patch].reshape(g, g), cmap="viridis", vmin=-1, vmax=1)
     axes[1].set_title(f"S_e row of patch {patch} (row {pr}, col {pc})")
     fig.colorbar(im, ax=axes[1], fraction=0.046)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(fig, axes, out)
     return patch
 
 
@@ -94,10 +88,18 @@ def plot_a3_entry(cache: Path, data: Path, image_root: Path, out: Path, question
     stale = "" if entry.query_sha256 == query_sha256(query_text(rec, m.template)) else " [query text changed]"
     scores = ", ".join(f"{s:.3f}" for s in entry.scores)
     ax.set_title(f"{question_text(rec)[:70]}\nq {key}: top-{len(entry.labels)} masks ({scores}){stale}", fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    _save(fig, [ax], out)
+    return key, len(entry.labels)
+
+
+def _save(fig, axes, out: Path) -> None:
+    """Both figures' finish: no ticks, tight layout, written to ``out`` (its folder made), closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return key, len(entry.labels)

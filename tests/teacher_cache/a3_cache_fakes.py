@@ -1,4 +1,4 @@
-"""Test helper: a fake SAM (the interface of teacher_cache.a3tune.sam) and data sets.
+"""Test helper: a fake SAM (the interface of teacher_cache.a3tune.sam), data sets and a test view.
 
 The fake generator is deterministic in the view's pixels: it proposes boxes on a fixed grid and keeps
 those whose mean intensity is above the view's, so a uniform image yields no mask ("no crop, no
@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from teacher_cache.a3tune import sam as real_sam
-from teacher_cache.a3tune.sam import SamSettings, WeakMask
+from teacher_cache.a3tune.sam import WeakMask
 
 
 class FakeSam:
@@ -59,6 +59,18 @@ def install(monkeypatch) -> None:
     sam.__dict__.update(vars(real_sam))
     sam.__dict__.update(load_sam=load_sam, generate_masks=generate_masks)
     monkeypatch.setitem(sys.modules, "teacher_cache.a3tune.sam", sam)
+
+
+def nested_shapes() -> np.ndarray:
+    """A SAM view with three nested shapes (grey 100, 150, disc 230) on a dark background, 256 x 256 x 3
+    (the tiny SAM's thresholds 60 / 120 / 180 give one mask per shape)."""
+    import cv2
+
+    v = np.full((256, 256, 3), 20, np.uint8)
+    cv2.rectangle(v, (40, 40), (200, 180), (100, 100, 100), -1)
+    cv2.rectangle(v, (70, 60), (170, 160), (150, 150, 150), -1)
+    cv2.circle(v, (120, 110), 30, (230, 230, 230), -1)
+    return v
 
 
 def make_dataset(root: Path, n_images: int = 5, seed: int = 0, uniform: int = 1) -> Path:

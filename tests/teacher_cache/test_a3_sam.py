@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from a3_cache_fakes import nested_shapes
 
 from shared.errors import MedAlignError
 from teacher_cache.a3tune.sam import (FAST_SAM_SETTINGS, SamSettings, WeakMask, filter_records,
@@ -39,15 +40,6 @@ def nested_runs(sam):
         masks = generate_masks(sam, nested_shapes(), settings)
         out[name] = (masks, time.perf_counter() - t)
     return out
-
-
-def nested_shapes() -> np.ndarray:
-    """Three nested shapes (grey 100, 150, disc 230) on a dark background, 256 x 256 x 3."""
-    v = np.full((256, 256, 3), 20, np.uint8)
-    cv2.rectangle(v, (40, 40), (200, 180), (100, 100, 100), -1)
-    cv2.rectangle(v, (70, 60), (170, 160), (150, 150, 150), -1)
-    cv2.circle(v, (120, 110), 30, (230, 230, 230), -1)
-    return v
 
 
 def authors_filter(records, max_area=40_000):

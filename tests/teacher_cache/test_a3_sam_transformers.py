@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from a3_cache_fakes import nested_shapes
 
 from teacher_cache.a3tune.sam import load_sam
 from teacher_cache.a3tune.tiny_sam import TINY_ARCH, tiny_sam_state
@@ -219,16 +220,6 @@ def reference_generate(hf, view: np.ndarray, s) -> list[dict]:
     return [{"segmentation": f["mask"].numpy(), "area": int(f["mask"].sum()),
              "bbox": [f["box"][0], f["box"][1], f["box"][2] - f["box"][0], f["box"][3] - f["box"][1]],
              "predicted_iou": f["iou"], "stability_score": f["stab"]} for f in found]
-
-
-def nested_shapes() -> np.ndarray:
-    """test_a3_sam's image: three nested shapes (grey 100, 150, disc 230) on a dark background."""
-    import cv2
-    v = np.full((256, 256, 3), 20, np.uint8)
-    cv2.rectangle(v, (40, 40), (200, 180), (100, 100, 100), -1)
-    cv2.rectangle(v, (70, 60), (170, 160), (150, 150, 150), -1)
-    cv2.circle(v, (120, 110), 30, (230, 230, 230), -1)
-    return v
 
 
 def _compare(ours, ref):
