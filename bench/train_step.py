@@ -130,13 +130,6 @@ def make_batch(model, device, dtype, seed=0):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def default_variants() -> tuple[str, ...]:
-    """Every variant; the A3MoE ones only where student_train/a3moe.py exists."""
-    from student_train.methods.a3tune import a3moe_module
-
-    return VARIANTS if a3moe_module() is not None else tuple(v for v in VARIANTS if not v.startswith("a3moe"))
-
-
 def add_a3_labels(batch, n_heads_total: int, seed=1):
     """Random weak masks (~15% of the cells) for the A3Tune variants."""
     g = torch.Generator().manual_seed(seed)
@@ -165,12 +158,11 @@ def eager_a3_losses(model, batch, a3):
 
     from contextlib import nullcontext
 
-    from student_train.methods.a3tune import a3moe_module
+    from student_train import a3moe as moe
 
     image_id = model.config.image_token_id
-    moe = a3moe_module()
     ctx = (moe.moe_inputs(model, question_mask=batch["query_mask"], image_mask=batch["input_ids"] == image_id)
-           if moe is not None and moe.get_moe(model) is not None else nullcontext())
+           if moe.get_moe(model) is not None else nullcontext())
     with ctx:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"], labels=batch["labels"], use_cache=False, output_attentions=True)
@@ -332,7 +324,7 @@ def main(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="medium")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--variants", default=",".join(default_variants()))
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -23,21 +23,11 @@ from shared.errors import MedAlignError
 from student_train.methods.base import TrainingMethod
 
 
-def a3moe_module():
-    """:mod:`student_train.a3moe`, or None where this build does not have it."""
-    try:
-        from student_train import a3moe
-    except ImportError:
-        return None
-    return a3moe
-
-
 def moe_settings(a3):
     """The ``MoeSettings`` of ``--a3-moe-preset`` with ``--a3-reference-moe``."""
-    moe = a3moe_module()
-    if moe is None:
-        raise MedAlignError("--a3-moe needs student_train/a3moe.py, which this installation does not have")
-    return dataclasses.replace(moe.MOE_PRESETS[a3.a3_moe_preset], reference_sparse=bool(a3.a3_reference_moe))
+    from student_train.a3moe import MOE_PRESETS
+
+    return dataclasses.replace(MOE_PRESETS[a3.a3_moe_preset], reference_sparse=bool(a3.a3_reference_moe))
 
 
 class A3Tune(TrainingMethod):
@@ -51,8 +41,6 @@ class A3Tune(TrainingMethod):
         if cfg.a3.a3_top_heads > total:
             raise MedAlignError(f"--a3-top-heads {cfg.a3.a3_top_heads} is more than the student's "
                                 f"{text.num_hidden_layers} layers x {text.num_attention_heads} heads = {total}")
-        if cfg.a3.a3_moe:
-            moe_settings(cfg.a3)  # fails early without the module
 
     def teacher_identity(self, cfg, n_tokens: int) -> dict | None:
         if cfg.a3.a3_lambda <= 0:
@@ -63,9 +51,7 @@ class A3Tune(TrainingMethod):
         try:
             return {"method": "a3tune", "path": str(cfg.align.cache), **cache.identity()}
         finally:
-            close = getattr(cache, "close", None)
-            if close is not None:
-                close()
+            cache.close()
 
     def sample_kwargs(self, cfg, teacher, n_tokens: int):
         if not teacher:
@@ -89,9 +75,10 @@ class A3Tune(TrainingMethod):
         exclude = ("q_proj", "k_proj") if a3.a3_moe else ()
         peft_model = prepare_lora(model, cfg.lora, train_projector, exclude)
         if a3.a3_moe:
-            moe = a3moe_module()
-            moe.install_moe(peft_model, moe_settings(a3))
-            add_saver(peft_model, moe.save_moe)
+            from student_train import a3moe
+
+            a3moe.install_moe(peft_model, moe_settings(a3))
+            add_saver(peft_model, a3moe.save_moe)
         if a3.a3_lambda > 0:
             install_head_capture(peft_model)
         freeze_projector(peft_model, train_projector)
@@ -112,6 +99,7 @@ def compute_a3_losses(model, batch: dict, a3) -> dict[str, torch.Tensor]:
     Returns:
         ``loss``, ``lm_loss``, ``a3_att_loss``, ``balance_loss`` (0-dim, with their graphs).
     """
+    from student_train import a3moe as moe
     from student_train.a3_losses import a3_att_loss, combine_maps, select_heads
     from student_train.alignment import decoder_layers, unwrap
     from student_train.head_attention import get_head_capture, rows_after_image
@@ -128,8 +116,7 @@ def compute_a3_losses(model, batch: dict, a3) -> dict[str, torch.Tensor]:
         state.rows = rows_after_image(batch["input_ids"], batch["attention_mask"], base.config.image_token_id) \
             if need_att else None
         state.visual_mask = image_mask if need_att else None
-    moe = a3moe_module()
-    has_moe = moe is not None and moe.get_moe(model) is not None
+    has_moe = moe.get_moe(model) is not None
     ctx = (moe.moe_inputs(model, question_mask=batch["query_mask"].to(torch.bool), image_mask=image_mask)
            if has_moe else contextlib.nullcontext())
     with ctx:

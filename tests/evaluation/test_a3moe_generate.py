@@ -302,17 +302,12 @@ def test_cli_generate_with_a_moe_run(student, tmp_path):
 
 
 def test_a_trained_a3tune_run_generates_with_its_moe(student, tmp_path):
-    """``medalign-train --method a3tune --a3-moe`` then generation (active once the a3tune training
-    method is part of the build): the run carries moe.json, and its routing at generation is a
-    training forward's."""
-    import importlib.util
-
+    """``medalign-train --method a3tune --a3-moe`` then generation: the run carries moe.json, and its
+    routing at generation is a training forward's."""
     import numpy as np
     from click.testing import CliRunner
     from PIL import Image
 
-    if importlib.util.find_spec("student_train.methods") is None:
-        pytest.skip("the a3tune training method is not in this build")
     from student_train import cli as train_cli
 
     rng = np.random.default_rng(1)

@@ -1,6 +1,7 @@
-"""A small stand-in for the A3 cache reader (``shared.cache.a3tune`` / ``shared.a3_queries``, built
-by another part of the project) for the A3Tune training tests: a directory with ``manifest.json``
-and ``entries.json``, and :func:`use_fake_a3` to point the training code at it.
+"""A small stand-in for the A3 cache reader (``shared.cache.a3tune`` / ``shared.a3_queries``) for the
+A3Tune training tests, so they choose each question's labels: a directory with ``manifest.json`` and
+``entries.json``, and :func:`use_fake_a3` to point the training code at it. The real cache's way into
+training is tested end to end in ``tests/test_pipeline_a3tune.py``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Stage 1 of A3Tune on real VQA-RAD images (../shared/data) with the real SAM path (a tiny random SAM in
 the original .pth layout) and the tiny BiomedCLIP: fast settings over 24 images, and the authors' full
-settings on 3. Slow; skips without ../shared or without teacher_cache.a3tune.sam (the SAM helper's part)."""
+settings on 3. Slow; skips without ../shared."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -12,9 +11,6 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-if importlib.util.find_spec("teacher_cache.a3tune.sam") is None or \
-        importlib.util.find_spec("teacher_cache.a3tune.geometry") is None:
-    pytest.skip("teacher_cache.a3tune.sam / geometry are not in this checkout", allow_module_level=True)
 
 
 def _records(vqa_rad_dir, n_images: int) -> list[dict]:
