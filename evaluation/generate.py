@@ -216,7 +216,7 @@ def run_generate(cfg: GenerateConfig, *, log: Callable[[str], None] = print, pro
 
 def _run_generate(cfg: GenerateConfig, dist, device, log: Callable[[str], None], progress: bool) -> dict[str, Any]:
     from evaluation.answer_parts import answered_ids, existing_parts, merge_answer_files, part_path, question_slice
-    from shared.distributed import Heartbeat, maybe_die, run_step
+    from shared.distributed import Heartbeat, run_step
 
     questions = load_questions(cfg.data, cfg.closed_suffix, cfg.limit)
     root = Path(cfg.image_root)
@@ -285,7 +285,7 @@ def _run_generate(cfg: GenerateConfig, dist, device, log: Callable[[str], None],
         with Heartbeat(dist, f"generate into {out}",
                        on_beat=(lambda n: bar.update(n - bar.n)) if bar is not None else None) as beat:
             if todo:
-                _answer_batches(cfg, dist, device, mid, meta, root, mine, todo, beat, log, family, maybe_die)
+                _answer_batches(cfg, dist, device, mid, meta, root, mine, todo, beat, log, family)
     finally:
         if bar is not None:
             bar.close()
@@ -300,7 +300,9 @@ def _run_generate(cfg: GenerateConfig, dist, device, log: Callable[[str], None],
     return summary
 
 
-def _answer_batches(cfg, dist, device, mid, meta, root, mine, todo, beat, log, family, maybe_die) -> None:
+def _answer_batches(cfg, dist, device, mid, meta, root, mine, todo, beat, log, family) -> None:
+    from shared.distributed import maybe_die
+
     gen = load_generator(cfg.model, cfg.adapter, template=cfg.template, dtype=torch_dtype(cfg.dtype), device=device,
                          trust_remote_code=cfg.trust_remote_code)
     log(f"model {mid} on {device} ({cfg.dtype}); template {gen.template.name} ({gen.template_source}); "

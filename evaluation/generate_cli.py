@@ -9,7 +9,6 @@ help). ``--help-decoding NAME`` prints a method's keys, defaults and how MedAlig
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import click
 
@@ -45,12 +44,13 @@ def generate(**flags) -> None:
     """
     with user_errors():
         from evaluation.generate import run_generate
+        from shared.distributed import world_from_env
 
         given = {k: v for k, v in flags.items() if v is not None}
         decoding = DecodingConfig(**{k: v for k, v in given.items() if k in _DECODING_KEYS})
         cfg = GenerateConfig(decoding=decoding, **{k: v for k, v in given.items() if k not in _DECODING_KEYS})
         summary = run_generate(cfg, log=lambda m: click.echo(m, err=True))
-        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the job
+        if not world_from_env().is_main:  # torchrun: rank 0 reports for the job
             return
         click.echo(f"wrote {summary['written']} answer(s) to {cfg.out} ({summary['already_done']} already there, "
                    f"{summary['questions']} questions)", err=True)

@@ -6,7 +6,6 @@ A :class:`~shared.errors.MedAlignError` ends a command with ``Error: ...`` and e
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -98,7 +97,8 @@ def build(signals, expert, weights, sam, biomedclip, data, image_root, grid, stu
                       skip_bad=skip_bad, shard_size=shard_size or 256, model_config=model_config)
     stats: dict = {}
     manifest = build_cache(cfg, stats)
-    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the job
+    from shared.distributed import world_from_env
+    if not world_from_env().is_main:  # torchrun: rank 0 reports for the job
         return
     click.echo(f"cache written: {out} ({manifest.rows} images, grid {manifest.grid}x{manifest.grid}, "
                f"{len(manifest.failures)} failures)")
@@ -128,7 +128,8 @@ def _build_a3(sam, biomedclip, data, image_root, grid, student, geometry, top_k,
                         resume=resume, skip_bad=skip_bad, shard_size=shard_size or 128, **extra)
     stats: dict = {}
     m = build_a3_cache(cfg, stats)
-    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the job
+    from shared.distributed import world_from_env
+    if not world_from_env().is_main:  # torchrun: rank 0 reports for the job
         return
     sel = m.selection
     click.echo(f"A3 cache written: {out} ({m.rows} images, grid {m.grid}x{m.grid}, {sel['questions']} questions, "
