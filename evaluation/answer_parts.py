@@ -17,7 +17,6 @@ Lines are copied byte for byte, never re-serialised.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from evaluation.answer_file import _answer_line, _check_resumable
 from evaluation.questions import Question
 from shared.distributed import contiguous_slice
 from shared.errors import MedAlignError
+from shared.fileio import atomic_write_bytes
 
 _PART = re.compile(r"\.part-(\d{5})-of-(\d{5})$")
 
@@ -76,15 +76,6 @@ def answered_ids(path: str | Path, mid: str, meta: dict) -> set[str]:
     return {k for k, _ in rows}
 
 
-def _write_merged(out: Path, lines: list[bytes]) -> None:
-    tmp = out.with_name(f".{out.name}.merging")
-    with open(tmp, "wb") as f:
-        f.write(b"".join(lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
-
-
 def merge_answer_files(keys: list[str], sources: list[Path], out: Path, *, remove: list[Path] = ()) -> int:
     """Write ``out``: for each id of ``keys`` in order, its line from the first source holding it;
     then remove ``remove``. Every key must be answered somewhere. Returns the lines written."""
@@ -97,7 +88,7 @@ def merge_answer_files(keys: list[str], sources: list[Path], out: Path, *, remov
         raise MedAlignError(f"cannot merge {out}: {len(missing)} question(s) have no answer in "
                             f"{', '.join(map(str, sources)) or 'any part'} (first: {missing[0]}); a rank "
                             "did not finish: run again with the same --out to finish them")
-    _write_merged(out, [found[k] for k in keys])
+    atomic_write_bytes(out, b"".join(found[k] for k in keys))
     for p in remove:
         Path(p).unlink(missing_ok=True)
     return len(keys)
@@ -149,7 +140,7 @@ def merge_chunks(questions: list[Question], parts: list[Path], out: Path) -> int
     if missing:
         raise MedAlignError(f"the parts miss {len(missing)} of {len(keys)} question(s) of --data (first: "
                             f"{missing[0]}): a chunk is missing or unfinished")
-    _write_merged(out, [lines[k] for k in keys])
+    atomic_write_bytes(out, b"".join(lines[k] for k in keys))
     return len(keys)
 
 
