@@ -16,7 +16,6 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 from evaluation.answer_parts import existing_parts, question_slice
 from evaluation.cli import main
@@ -31,18 +30,17 @@ def student(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """11 questions about 4 generated non-square images (int and string ids)."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for i, (w, h) in enumerate([(40, 24), (24, 40), (32, 32), (50, 30)]):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+def dataset(tmp_path_factory, vqa_rad_subset_dir):
+    """11 questions about 4 real VQA-RAD images (the committed CC0 subset; int and string ids)."""
+    root = vqa_rad_subset_dir / "images"
+    names = sorted(p.name for p in root.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:4]
     qs = ["Is there a mass?", "What organ is shown?", "Is the liver normal?", "Where is the lesion?"]
-    recs = [{"id": i if i % 3 else f"q{i}", "image": f"img{i % 4}.png", "answer_type": "OPEN",
+    recs = [{"id": i if i % 3 else f"q{i}", "image": names[i % 4], "answer_type": "OPEN",
              "conversations": [{"from": "human", "value": f"<image>\n{qs[i % 4]} ({i})"},
                                {"from": "gpt", "value": "x"}]} for i in range(11)]
-    (root / "test.json").write_text(json.dumps(recs))
-    return root / "test.json", root
+    data = tmp_path_factory.mktemp("data") / "test.json"
+    data.write_text(json.dumps(recs))
+    return data, root
 
 
 def _args(student, dataset, out, *extra):
